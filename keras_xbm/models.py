@@ -1,0 +1,282 @@
+"""`XBMModel`: a Keras model that trains an embedding network with a cross-batch memory."""
+
+import logging
+
+import keras
+import tensorflow as tf
+
+from keras_xbm.losses import ContrastiveLoss, PairLoss
+from keras_xbm.memory import CrossBatchMemory, as_int32_vector
+from keras_xbm.pairs import cosine_similarity, in_batch_pairs, pair_masks
+
+logger = logging.getLogger(__name__)
+
+# Generated sample ids count down from -1 and wrap here, far beyond any memory size.
+GENERATED_ID_PERIOD = 2**30
+
+
+@keras.saving.register_keras_serializable(package="keras_xbm")
+class XBMModel(keras.Model):
+    """Train an embedding network with a pair loss over the batch and a cross-batch memory.
+
+    Each training step:
+
+    1. embeds the batch and L2-normalises it (the queries);
+    2. computes the batch term: the pair loss of the queries against the batch
+       itself, each pair of distinct samples counted in both directions
+       (`(i, j)` and `(j, i)` are two rows of the similarity matrix);
+    3. after `warmup_steps` steps, computes the memory term: the same pair loss
+       of the queries against the valid memory slots. The memory holds earlier
+       batches only, because the current batch is written after the loss, so
+       each in-batch pair is counted once, in the batch term;
+    4. applies the gradient of `batch_loss + memory_weight * memory_loss`
+       (plus any regularisation losses of the network);
+    5. writes the detached queries, their labels and sample ids into the
+       memory. Writing starts at step 0, so the memory is already full of
+       recent embeddings when the memory term switches on.
+
+    Only `train_step` writes the memory: `evaluate` scores the batch term alone
+    and `predict` returns embeddings, and neither touches the memory.
+
+    Data: `fit` takes elements `(images, labels)` or
+    `(images, {"labels": labels, "sample_ids": sample_ids})`, with integer
+    `labels` and `sample_ids` of shape `[batch]`. The sample id is the index of
+    the image in the dataset: a query is never paired with a stored row of the
+    same id, so neither with itself nor with a stale copy of itself from an
+    earlier epoch. Without sample ids every row gets a fresh id, so only the
+    in-batch self pair is removed and stale copies in the memory count as
+    positives.
+
+    Args:
+        embedding_model: a Keras model mapping a batch of inputs to
+            `[batch, dim]` embeddings. Its output is L2-normalised by `call`.
+        memory_size: number of memory slots. 0 turns the memory off (the batch
+            term alone). Defaults to 2048.
+        loss: a `keras_xbm.losses.PairLoss`. Defaults to `ContrastiveLoss()`.
+        warmup_steps: steps trained on the batch term alone before the memory
+            term switches on. Defaults to 0.
+        memory_weight: weight of the memory term. Defaults to 1.0.
+
+    Metrics reported by `fit`: `loss`, `batch_loss`, `memory_loss` (0 during
+    warm-up) and `hard_negatives`, the mean number of negative pairs per query
+    that receive a gradient, from the batch and the memory together.
+
+    Examples:
+
+    >>> network = keras_xbm.backbones.small_cnn(input_shape=(32, 32, 1), embedding_dim=64)
+    >>> model = XBMModel(network, memory_size=1024, warmup_steps=100)
+    >>> model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    >>> model.fit(dataset, epochs=1, steps_per_epoch=500)
+    """
+
+    def __init__(
+        self,
+        embedding_model,
+        memory_size=2048,
+        loss=None,
+        warmup_steps=0,
+        memory_weight=1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 0:
+            raise ValueError(
+                f"Invalid memory_size={memory_size!r}: expected a non-negative integer (0 turns the memory off)."
+            )
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps={warmup_steps!r}: expected a non-negative integer.")
+        if float(memory_weight) < 0:
+            raise ValueError(f"Invalid memory_weight={memory_weight!r}: expected a non-negative number.")
+        loss = ContrastiveLoss() if loss is None else loss
+        if not isinstance(loss, PairLoss):
+            raise ValueError(
+                f"Expected a keras_xbm.losses.PairLoss as loss, received {loss!r}. "
+                "Keras losses of (y_true, y_pred) cannot score pairs against the memory."
+            )
+
+        self.embedding_model = embedding_model
+        self.memory_size = memory_size
+        self.pair_loss = loss
+        self.warmup_steps = warmup_steps
+        self.memory_weight = float(memory_weight)
+        self.memory = CrossBatchMemory(memory_size, name="memory") if memory_size > 0 else None
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.batch_loss_tracker = keras.metrics.Mean(name="batch_loss")
+        self.memory_loss_tracker = keras.metrics.Mean(name="memory_loss")
+        self.hard_negatives_tracker = keras.metrics.Mean(name="hard_negatives")
+
+        # Built now when the network's input shape is known, so that
+        # `load_weights` works on a fresh model before any call.
+        if getattr(embedding_model, "built", False) and getattr(embedding_model, "inputs", None):
+            self.build(embedding_model.inputs[0].shape)
+
+    def build(self, input_shape):
+        if self.built:
+            return
+        if not self.embedding_model.built:
+            self.embedding_model.build(input_shape)
+        output_shape = self.embedding_model.compute_output_shape(input_shape)
+        if len(output_shape) != 2:
+            raise ValueError(
+                f"The embedding model must output [batch, dim] embeddings; its output shape is {output_shape}."
+            )
+        if self.memory is not None:
+            self.memory.build(output_shape)
+        self.train_steps = self.add_weight(
+            shape=(), initializer="zeros", dtype="int32", trainable=False, name="train_steps"
+        )
+        self.next_generated_id = self.add_weight(
+            shape=(), initializer="zeros", dtype="int32", trainable=False, name="next_generated_id"
+        )
+        self.built = True
+
+    def call(self, inputs, training=False):
+        embeddings = self.embedding_model(inputs, training=training)
+        return tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1)
+
+    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
+        if loss is not None:
+            raise ValueError(
+                "XBMModel takes its pair loss in the constructor, XBMModel(network, loss=...), "
+                f"not in compile(); received loss={loss!r}."
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips compiling a loaded model whose compile() is overridden; this one only rejects `loss`.
+        config = keras.saving.deserialize_keras_object(config)
+        config.pop("loss", None)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    @property
+    def metrics(self):
+        return [
+            self.loss_tracker,
+            self.batch_loss_tracker,
+            self.memory_loss_tracker,
+            self.hard_negatives_tracker,
+        ]
+
+    def unpack_targets(self, data):
+        """Split a dataset element into `(inputs, labels, sample_ids)`; ids may be `None`."""
+        inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError(
+                "XBMModel does not take sample weights: a pair loss weights pairs, not samples. "
+                "Pass elements (images, labels) or (images, {'labels': ..., 'sample_ids': ...})."
+            )
+        if targets is None:
+            raise ValueError(
+                "XBMModel needs labels to train: pass elements (images, labels) or "
+                "(images, {'labels': ..., 'sample_ids': ...})."
+            )
+        if isinstance(targets, dict):
+            unknown = set(targets) - {"labels", "sample_ids"}
+            if "labels" not in targets or unknown:
+                raise ValueError(
+                    "Expected targets {'labels': ..., 'sample_ids': ...}; "
+                    f"received keys {sorted(targets)}."
+                )
+            labels = as_int32_vector(targets["labels"], "labels")
+            sample_ids = targets.get("sample_ids")
+            if sample_ids is not None:
+                sample_ids = as_int32_vector(sample_ids, "sample_ids")
+            return inputs, labels, sample_ids
+        return inputs, as_int32_vector(targets, "labels"), None
+
+    def generate_sample_ids(self, batch_size):
+        """Give each row a negative id not used by any row still in the memory."""
+        offsets = (self.next_generated_id + tf.range(batch_size)) % GENERATED_ID_PERIOD
+        self.next_generated_id.assign((self.next_generated_id + batch_size) % GENERATED_ID_PERIOD)
+        return -1 - offsets
+
+    def memory_pairs(self, queries, labels, sample_ids):
+        """Return `(similarity, pos_mask, neg_mask)` of the queries against the memory."""
+        similarity = cosine_similarity(queries, self.memory.embeddings)
+        pos_mask, neg_mask = pair_masks(
+            labels,
+            self.memory.labels,
+            sample_ids,
+            self.memory.sample_ids,
+            ref_valid=self.memory.valid_mask(),
+        )
+        return similarity, pos_mask, neg_mask
+
+    def train_step(self, data):
+        inputs, labels, sample_ids = self.unpack_targets(data)
+
+        with tf.GradientTape() as tape:
+            # The first call builds the model, and with it the step counters read below.
+            queries = self(inputs, training=True)
+            if sample_ids is None:
+                sample_ids = self.generate_sample_ids(tf.shape(labels)[0])
+            memory_on = tf.cast(self.train_steps >= self.warmup_steps, tf.float32)
+            batch_similarity, batch_pos, batch_neg = in_batch_pairs(queries, labels, sample_ids)
+            batch_loss = self.pair_loss.pair_loss(batch_similarity, batch_pos, batch_neg)
+            similarities = [batch_similarity]
+            negative_masks = [batch_neg]
+
+            memory_loss = tf.zeros((), tf.float32)
+            if self.memory is not None:
+                memory_similarity, memory_pos, memory_neg = self.memory_pairs(queries, labels, sample_ids)
+                memory_loss = memory_on * self.pair_loss.pair_loss(memory_similarity, memory_pos, memory_neg)
+                similarities.append(memory_similarity)
+                negative_masks.append(memory_neg)
+
+            loss = batch_loss + self.memory_weight * memory_loss
+            if self.losses:
+                loss = loss + tf.add_n([tf.cast(extra, tf.float32) for extra in self.losses])
+            scaled_loss = self.optimizer.scale_loss(loss)
+
+        trainable_weights = self.trainable_weights
+        gradients = tape.gradient(scaled_loss, trainable_weights + similarities)
+        self.optimizer.apply_gradients(zip(gradients[: len(trainable_weights)], trainable_weights))
+
+        # A negative pair is "hard" when the loss sends a gradient through it.
+        hard_negatives = tf.add_n(
+            [
+                tf.reduce_sum(tf.cast(tf.logical_and(mask, tf.not_equal(grad, 0.0)), tf.float32))
+                for mask, grad in zip(negative_masks, gradients[len(trainable_weights) :])
+            ]
+        )
+        num_queries = tf.cast(tf.shape(queries)[0], tf.float32)
+
+        if self.memory is not None:
+            self.memory.enqueue(queries, labels, sample_ids)
+        self.train_steps.assign_add(1)
+
+        self.loss_tracker.update_state(loss)
+        self.batch_loss_tracker.update_state(batch_loss)
+        self.memory_loss_tracker.update_state(memory_loss)
+        self.hard_negatives_tracker.update_state(hard_negatives / num_queries)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def test_step(self, data):
+        inputs, labels, sample_ids = self.unpack_targets(data)
+        queries = self(inputs, training=False)
+        similarity, pos_mask, neg_mask = in_batch_pairs(queries, labels, sample_ids)
+        batch_loss = self.pair_loss.pair_loss(similarity, pos_mask, neg_mask)
+        self.loss_tracker.update_state(batch_loss)
+        self.batch_loss_tracker.update_state(batch_loss)
+        return {"loss": self.loss_tracker.result(), "batch_loss": self.batch_loss_tracker.result()}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            embedding_model=keras.saving.serialize_keras_object(self.embedding_model),
+            memory_size=self.memory_size,
+            loss=keras.saving.serialize_keras_object(self.pair_loss),
+            warmup_steps=self.warmup_steps,
+            memory_weight=self.memory_weight,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["embedding_model"] = keras.saving.deserialize_keras_object(config["embedding_model"])
+        config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
+        return cls(**config)
