@@ -30,3 +30,21 @@ def leave_one_out_recall(embeddings, labels, ks=(1, 2, 4, 8), index="exact"):
         )
     indices, _ = SEARCHES[index](embeddings, None, k=max(ks))
     return recall_at_k(labels, labels[indices], ks)
+
+
+def evaluate_retrieval(query_embeddings, query_labels, gallery_embeddings=None, gallery_labels=None, ks=(1, 2, 4, 8), index="exact"):
+    """Return `{"recall@K": value}` for either protocol.
+
+    With `gallery_embeddings=None` every query searches all the other queries
+    (leave-one-out, as SOP, CUB, Cars and Omniglot are evaluated); otherwise
+    each query searches the gallery (as In-Shop is evaluated). A query whose
+    label is absent from the gallery counts as a miss.
+    """
+    if gallery_embeddings is None:
+        return leave_one_out_recall(query_embeddings, query_labels, ks=ks, index=index)
+    if index not in SEARCHES:
+        raise ValueError(f"Unknown index={index!r}: expected one of {', '.join(SEARCHES)}.")
+    query_labels = np.asarray(query_labels)
+    gallery_labels = np.asarray(gallery_labels)
+    indices, _ = SEARCHES[index](query_embeddings, gallery_embeddings, k=max(ks))
+    return recall_at_k(query_labels, gallery_labels[indices], ks)
