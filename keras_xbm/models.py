@@ -205,6 +205,15 @@ class XBMModel(keras.Model):
         )
         return similarity, pos_mask, neg_mask
 
+    def write_memory(self, inputs, queries, labels, sample_ids):
+        """Store the step's batch in the memory, after the optimizer step.
+
+        The plain memory stores the detached queries. `inputs` is passed so
+        that a memory fed by another encoder can embed the batch itself.
+        """
+        del inputs
+        self.memory.enqueue(queries, labels, sample_ids)
+
     def train_step(self, data):
         inputs, labels, sample_ids = self.unpack_targets(data)
 
@@ -245,7 +254,7 @@ class XBMModel(keras.Model):
         num_queries = tf.cast(tf.shape(queries)[0], tf.float32)
 
         if self.memory is not None:
-            self.memory.enqueue(queries, labels, sample_ids)
+            self.write_memory(inputs, queries, labels, sample_ids)
         self.train_steps.assign_add(1)
 
         self.loss_tracker.update_state(loss)
