@@ -1,4 +1,4 @@
-"""The `keras-xbm` command line: `train` and `evaluate`.
+"""The `keras-xbm` command line: `train`, `evaluate` and `study`.
 
 The command line owns the console: it sets up logging, prints the result
 tables, and turns a `ValueError` or `FileNotFoundError` from the library into a
@@ -79,6 +79,47 @@ def add_evaluate_parser(subparsers):
     parser.set_defaults(handler=run_evaluate)
 
 
+def parse_seed_list(text):
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, received {text!r}")
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers such as 0,1,2, received {text!r}")
+    return values
+
+
+def add_study_parser(subparsers):
+    from keras_xbm.study import GRIDS
+
+    parser = subparsers.add_parser(
+        "study",
+        help="compare weight curves and pair losses with the memory, over several seeds",
+        description="Train each grid entry once per seed with the train defaults, then write results.csv, "
+        "summary.md (mean and std of R@1 and R@4 per entry) and curves_recall.png. An entry is "
+        "POSITIVE/NEGATIVE weight curves such as 'constant/step(threshold=0.5)', or a loss name such as "
+        "multi_similarity, either followed by @no-memory to train without the memory.",
+    )
+    parser.add_argument("--dataset", default="omniglot", choices=["omniglot"], help="dataset (default: %(default)s)")
+    parser.add_argument("--data-dir", required=True, help="directory holding the dataset")
+    parser.add_argument("--grid", default="small", choices=sorted(GRIDS), help="preset list of entries (default: %(default)s)")
+    parser.add_argument("--entry", action="append", dest="entries", metavar="ENTRY", help="an entry to run instead of the preset; repeat for several")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the train default)")
+    parser.add_argument("--seeds", type=parse_seed_list, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--output-dir", default="runs/study", help="where the results and figures go (default: %(default)s)")
+    parser.set_defaults(handler=run_study_command)
+
+
+def run_study_command(args):
+    from keras_xbm.study import GRIDS, format_summary_table, run_study
+
+    entries = args.entries or list(GRIDS[args.grid])
+    summary = run_study(args.data_dir, entries, seeds=args.seeds, output_dir=args.output_dir, steps=args.steps)
+    print(format_summary_table(summary))
+    print(f"Results: {os.path.join(args.output_dir, 'results.csv')}, {os.path.join(args.output_dir, 'summary.md')}")
+    return 0
+
+
 def format_recall_table(results, title):
     lines = [title, f"{'K':>6}  {'Recall@K':>8}"]
     for key, value in results.items():
@@ -138,6 +179,7 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_study_parser(subparsers)
     return parser
 
 

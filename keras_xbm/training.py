@@ -91,10 +91,15 @@ class TrainConfig:
         return self.batch_size // self.samples_per_class
 
 
-def build_model(config, input_shape):
-    """Build and compile the `XBMModel` of a run."""
+def build_model(config, input_shape, loss=None):
+    """Build and compile the `XBMModel` of a run.
+
+    `loss` is a `keras_xbm.losses.PairLoss`; `None` builds the run's
+    `ContrastiveLoss` from `config.negative_threshold` and `config.normalization`.
+    """
     network = backbones.small_cnn(input_shape=input_shape, embedding_dim=config.embedding_dim)
-    loss = ContrastiveLoss(negative_threshold=config.negative_threshold, normalization=config.normalization)
+    if loss is None:
+        loss = ContrastiveLoss(negative_threshold=config.negative_threshold, normalization=config.normalization)
     model = XBMModel(
         network,
         memory_size=config.memory_size,
@@ -111,8 +116,10 @@ def embed(model, images, batch_size=256):
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)
 
 
-def run_training(config):
+def run_training(config, loss=None):
     """Train, evaluate on the test split and export; return the results dictionary.
+
+    `loss` replaces the run's `ContrastiveLoss` (see `build_model`).
 
     Writes to `config.output_dir`: `metrics.json` (recall@K on the test split,
     with the run's settings and timings), `history.json` (the training
@@ -131,7 +138,7 @@ def run_training(config):
     dataset = pk_dataset(
         train.images, train.labels, config.classes_per_batch, config.samples_per_class, seed=config.seed
     )
-    model = build_model(config, train.images.shape[1:])
+    model = build_model(config, train.images.shape[1:], loss=loss)
 
     start = time.perf_counter()
     history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose)
