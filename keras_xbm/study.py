@@ -209,7 +209,7 @@ def write_weight_figure(entry, config, path):
         path,
         positive_similarities=positives,
         negative_similarities=negatives,
-        title=f"{entry.text}: last batch against the memory after {config.steps} steps (seed {config.seed})",
+        title=f"{entry.text}\nlast batch against the memory after {config.steps} steps, seed {config.seed}",
     )
 
 
@@ -312,7 +312,7 @@ def run_study(data_dir, entries, seeds=(0, 1, 2), output_dir="runs/study", steps
         raise ValueError("Expected at least one seed, received none.")
     base_config = base_config or TrainConfig()
     base_config = dataclasses.replace(
-        base_config, data_dir=data_dir, steps=steps or base_config.steps, export=False, verbose=0
+        base_config, data_dir=data_dir, steps=base_config.steps if steps is None else steps, export=False, verbose=0
     )
     base_config.validate()
     os.makedirs(output_dir, exist_ok=True)
