@@ -13,7 +13,8 @@ entry is written as text:
 
 Outputs, in the output folder: `results.csv` (one row per run),
 `summary.md` (mean and sample standard deviation of Recall@1 and Recall@4 per
-entry), `curves_recall.png` (each entry's curves next to its Recall@1) and
+entry, then where the memory term's gradient goes, see `gradient_mass`),
+`curves_recall.png` (each entry's curves next to its Recall@1) and
 `weights_<entry>.png` (the curves over the similarities of the last batch
 against the memory, after the first seed's run). Each run keeps its own
 folder under `runs/`; a run whose `metrics.json` exists is read back instead
@@ -28,6 +29,7 @@ import math
 import os
 import re
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -134,8 +136,8 @@ def parse_entry(text):
     return StudyEntry(text=text.strip(), loss_name=body, memory=memory)
 
 
-def memory_similarities(model, batch_size):
-    """Return the positive and negative similarities of the newest batch in the memory against the memory.
+def newest_batch_pairs(model, batch_size):
+    """Return `(similarity, pos_mask, neg_mask)` of the newest batch in the memory against the memory.
 
     The newest `batch_size` rows written are the queries. Pairs of a row with
     itself are dropped by sample id, as in training.
@@ -150,7 +152,68 @@ def memory_similarities(model, batch_size):
     valid = memory.valid_mask().numpy()
     similarity = cosine_similarity(embeddings[newest], embeddings).numpy()
     pos_mask, neg_mask = pair_masks(labels[newest], labels, sample_ids[newest], sample_ids, ref_valid=valid)
-    return similarity[pos_mask.numpy()], similarity[neg_mask.numpy()]
+    return similarity, pos_mask.numpy(), neg_mask.numpy()
+
+
+def gradient_mass(loss, similarity, pos_mask, neg_mask, hard_threshold=0.5):
+    """Summarise where the gradient of a loss goes on one set of pairs.
+
+    Returns:
+        A dict: `positive_mass` and `negative_mass`, the sums of the pair
+        weights (`induced_weights`); `hard_share`, the part of the negative
+        mass on negatives more similar than `hard_threshold`; `weighted_negatives`,
+        the fraction of negatives with a non-zero weight.
+    """
+    w_pos, w_neg = (tensor.numpy() for tensor in weighting.induced_weights(loss, similarity, pos_mask, neg_mask))
+    negative_mass = float(w_neg.sum())
+    hard = neg_mask & (similarity > hard_threshold)
+    return {
+        "positive_mass": float(w_pos.sum()),
+        "negative_mass": negative_mass,
+        "hard_share": float(w_neg[hard].sum()) / negative_mass if negative_mass > 0 else math.nan,
+        "weighted_negatives": float(np.count_nonzero(w_neg[neg_mask])) / max(int(neg_mask.sum()), 1),
+        "hard_negatives_fraction": float(hard.sum()) / max(int(neg_mask.sum()), 1),
+    }
+
+
+def analyze_memory(entry, config, output_dir):
+    """Measure the memory term's gradient on the last batch of a trained run, and draw the entry's curves over it.
+
+    Returns:
+        The `gradient_mass` dict of the entry's loss on the newest batch
+        against the memory.
+    """
+    loss = entry.build_loss(config)
+    model = build_model(config, (config.image_size, config.image_size, 1), loss=loss)
+    with warnings.catch_warnings():
+        # The weights file also holds the trained optimizer's state, which this fresh model does not need.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(os.path.join(config.output_dir, "xbm.weights.h5"))
+    similarity, pos_mask, neg_mask = newest_batch_pairs(model, config.batch_size)
+    if entry.positive_curve is not None:
+        plots.plot_weight_curves(
+            {"w_pos": entry.positive_curve, "w_neg": entry.negative_curve},
+            os.path.join(output_dir, f"weights_{entry.slug}.png"),
+            positive_similarities=similarity[pos_mask],
+            negative_similarities=similarity[neg_mask],
+            title=f"{entry.text}\nlast batch against the memory after {config.steps} steps, seed {config.seed}",
+        )
+    return gradient_mass(loss, similarity, pos_mask, neg_mask)
+
+
+def format_gradient_table(masses):
+    """Return the markdown table of `{entry text: gradient_mass dict}`."""
+    lines = [
+        "| entry | negative / positive mass | share of negative mass on S > 0.5 | negatives weighted | negatives with S > 0.5 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for text, mass in masses.items():
+        ratio = mass["negative_mass"] / mass["positive_mass"] if mass["positive_mass"] > 0 else math.nan
+        lines.append(
+            f"| `{text}` | {ratio:.3g} | {100 * mass['hard_share']:.1f}% "
+            f"| {100 * mass['weighted_negatives']:.1f}% | {100 * mass['hard_negatives_fraction']:.2f}% |"
+        )
+    return "\n".join(lines)
 
 
 def config_record(config):
@@ -199,20 +262,6 @@ def results_row(entry, config, results):
     return row
 
 
-def write_weight_figure(entry, config, path):
-    """Draw the entry's curves over the last batch's similarities against the memory of its trained model."""
-    model = build_model(config, (config.image_size, config.image_size, 1), loss=entry.build_loss(config))
-    model.load_weights(os.path.join(config.output_dir, "xbm.weights.h5"))
-    positives, negatives = memory_similarities(model, config.batch_size)
-    plots.plot_weight_curves(
-        {"w_pos": entry.positive_curve, "w_neg": entry.negative_curve},
-        path,
-        positive_similarities=positives,
-        negative_similarities=negatives,
-        title=f"{entry.text}\nlast batch against the memory after {config.steps} steps, seed {config.seed}",
-    )
-
-
 def summarize(rows, entries):
     """Return one summary dict per entry: mean and sample standard deviation of R@1 and R@4."""
     summary = []
@@ -249,7 +298,7 @@ def format_summary_table(summary):
     return "\n".join(lines)
 
 
-def write_outputs(rows, entries, output_dir, base_config, seeds):
+def write_outputs(rows, entries, output_dir, base_config, seeds, masses):
     """Write results.csv, summary.md and curves_recall.png from the runs done so far."""
     fields = list(rows[0])
     with open(os.path.join(output_dir, "results.csv"), "w", newline="") as handle:
@@ -266,6 +315,12 @@ def write_outputs(rows, entries, output_dir, base_config, seeds):
         handle.write(f"Recall@K in percent on the {base_config.dataset} test split, over seeds {list(seeds)}.\n")
         handle.write(f"Settings: {settings}. Std is the sample standard deviation over seeds.\n\n")
         handle.write(format_summary_table(summary) + "\n")
+        if masses:
+            handle.write(
+                f"\nGradient of the memory term on the newest batch against the memory after seed {seeds[0]}'s "
+                "run: sums of the pair weights (induced_weights), where they go, and how many negatives get one.\n\n"
+            )
+            handle.write(format_gradient_table(masses) + "\n")
 
     figure_rows = [
         {
@@ -318,6 +373,7 @@ def run_study(data_dir, entries, seeds=(0, 1, 2), output_dir="runs/study", steps
     os.makedirs(output_dir, exist_ok=True)
 
     rows = []
+    masses = {}
     total = len(entries) * len(seeds)
     start = time.perf_counter()
     for seed in seeds:
@@ -336,7 +392,7 @@ def run_study(data_dir, entries, seeds=(0, 1, 2), output_dir="runs/study", steps
                 "Done %d/%d: %s, seed %d: R@1 %.4f, R@4 %.4f (%.0f s elapsed)",
                 len(rows), total, entry.text, seed, row["recall@1"], row["recall@4"], elapsed,
             )
-            if seed == seeds[0] and entry.memory and entry.positive_curve is not None:
-                write_weight_figure(entry, config, os.path.join(output_dir, f"weights_{entry.slug}.png"))
-        write_outputs(rows, entries, output_dir, base_config, seeds)
+            if seed == seeds[0] and entry.memory:
+                masses[entry.text] = analyze_memory(entry, config, output_dir)
+        write_outputs(rows, entries, output_dir, base_config, seeds, masses)
     return summarize(rows, entries)

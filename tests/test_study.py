@@ -2,11 +2,12 @@ import csv
 import math
 import os
 
+import numpy as np
 import pytest
 
 from keras_xbm.cli import main
 from keras_xbm.losses import CircleLoss, DirectWeightLoss, MultiSimilarityLoss, TripletLoss
-from keras_xbm.study import GRIDS, LOSSES, format_summary_table, parse_entry, summarize
+from keras_xbm.study import GRIDS, LOSSES, format_gradient_table, format_summary_table, gradient_mass, parse_entry, summarize
 from keras_xbm.training import TrainConfig
 from keras_xbm.weighting import Constant, Exponential, Linear, Step
 
@@ -88,6 +89,21 @@ def test_summary_mean_and_sample_std():
     assert table[3] == "| `circle` | no | 60.0 | nan | 80.0 | nan | 5.0 | 1 |"
 
 
+def test_gradient_mass_of_contrastive_curves():
+    similarity = np.array([[0.9, 0.2, 0.7, 0.6, -0.3], [0.4, 0.8, 0.1, 0.55, 0.3]], np.float32)
+    pos = np.array([[1, 1, 0, 0, 0], [0, 1, 0, 0, 0]], bool)
+    neg = np.array([[0, 0, 1, 1, 1], [1, 0, 1, 1, 1]], bool)
+    mass = gradient_mass(DirectWeightLoss(Constant(1.0), Step(0.6), normalization="sum"), similarity, pos, neg)
+    assert mass["positive_mass"] == pytest.approx(3.0)
+    # Negatives above 0.6: 0.7 only; above 0.5: 0.7, 0.6 and 0.55.
+    assert mass["negative_mass"] == pytest.approx(1.0)
+    assert mass["hard_share"] == pytest.approx(1.0)
+    assert mass["weighted_negatives"] == pytest.approx(1 / 7)
+    assert mass["hard_negatives_fraction"] == pytest.approx(3 / 7)
+    table = format_gradient_table({"constant/step(threshold=0.6)": mass}).splitlines()
+    assert table[2] == "| `constant/step(threshold=0.6)` | 0.333 | 100.0% | 14.3% | 42.86% |"
+
+
 @pytest.mark.slow
 def test_study_command_writes_results_and_resumes(omniglot_dir, tmp_path, capsys, caplog):
     output = tmp_path / "study"
@@ -108,7 +124,10 @@ def test_study_command_writes_results_and_resumes(omniglot_dir, tmp_path, capsys
     ]
     for row in rows:
         assert 0.0 < float(row["recall@1"]) <= float(row["recall@4"]) <= 1.0
-    assert "Settings: steps=30" in (output / "summary.md").read_text()
+    summary = (output / "summary.md").read_text()
+    assert "Settings: steps=30" in summary
+    assert "| `constant/step(threshold=0.5)` | " in summary.split("Gradient of the memory term")[1]
+    assert "| `circle@no-memory` |" not in summary
     assert os.path.getsize(output / "curves_recall.png") > 0
     assert os.path.getsize(output / "weights_constant_step_threshold=0.5.png") > 0
     assert not os.path.exists(output / "weights_circle_no-memory.png")
