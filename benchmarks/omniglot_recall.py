@@ -10,8 +10,8 @@ benchmarks/results/omniglot_<grid>.json.
 
 Grids:
 - memory: the defaults against the same run with --no-memory.
-- normalization: each normalisation of the pair terms at two learning rates,
-  with a memory of 2048, and no memory at the same learning rates.
+- normalization: each normalisation of the pair terms at several learning
+  rates with a memory of 2048, and no memory at the same learning rates.
 """
 
 import argparse
@@ -37,10 +37,10 @@ GRIDS = {
     },
     "normalization": {
         f"{name}, memory 2048, lr {lr:g}": {"normalization": name, "memory_size": 2048, "learning_rate": lr}
-        for name in ("batch", "pairs", "anchor")
-        for lr in (1e-3, 1e-4)
+        for name, rates in (("batch", (1e-3, 3e-4, 1e-4)), ("pairs", (1e-3, 3e-4, 1e-4)), ("anchor", (1e-3, 3e-4)))
+        for lr in rates
     }
-    | {f"no memory, lr {lr:g}": {"memory_size": 0, "learning_rate": lr} for lr in (1e-3, 1e-4)},
+    | {f"no memory, lr {lr:g}": {"memory_size": 0, "learning_rate": lr} for lr in (1e-3, 3e-4, 1e-4)},
 }
 
 
