@@ -107,14 +107,34 @@ def add_study_parser(subparsers):
     parser.add_argument("--steps", type=int, help="training steps per run (default: the train default)")
     parser.add_argument("--seeds", type=parse_seed_list, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument("--output-dir", default="runs/study", help="where the results and figures go (default: %(default)s)")
+    parser.add_argument("--memory-size", type=int, help="memory slots of the entries with a memory (default: the train default)")
+    parser.add_argument("--learning-rate", type=float, help="Adam learning rate (default: the train default)")
+    parser.add_argument(
+        "--normalization",
+        choices=["sum", "batch", "pairs", "anchor"],
+        help="normalisation of the losses made of per-pair terms (default: the train default)",
+    )
     parser.set_defaults(handler=run_study_command)
 
 
 def run_study_command(args):
     from keras_xbm.study import GRIDS, format_summary_table, run_study
+    from keras_xbm.training import TrainConfig
 
     entries = args.entries or list(GRIDS[args.grid])
-    summary = run_study(args.data_dir, entries, seeds=args.seeds, output_dir=args.output_dir, steps=args.steps)
+    overrides = {
+        name: getattr(args, name)
+        for name in ("memory_size", "learning_rate", "normalization")
+        if getattr(args, name) is not None
+    }
+    summary = run_study(
+        args.data_dir,
+        entries,
+        seeds=args.seeds,
+        output_dir=args.output_dir,
+        steps=args.steps,
+        base_config=TrainConfig(dataset=args.dataset, **overrides),
+    )
     print(format_summary_table(summary))
     print(f"Results: {os.path.join(args.output_dir, 'results.csv')}, {os.path.join(args.output_dir, 'summary.md')}")
     return 0

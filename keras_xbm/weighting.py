@@ -14,8 +14,8 @@ built from the curves directly (`keras_xbm.losses.DirectWeightLoss`).
 A curve is a callable `curve(similarity, mask=None)` that returns a float32
 tensor of the similarity's shape. Most curves depend on `S[i, j]` alone and
 ignore the mask. `Softmax` depends on the other pairs of the same anchor (row
-`i`) inside `mask`, which is the form that lifted structure and multi-similarity
-induce. Curves compose: `Step(0.5) * Exponential(10.0, 0.5)` keeps the hard
+`i`) inside `mask`: lifted structure induces this form, and multi-similarity
+induces it with 1 added to the denominator. Curves compose: `Step(0.5) * Exponential(10.0, 0.5)` keeps the hard
 negatives only and weighs them by hardness.
 
 Every curve serializes with `get_config` / `from_config`; `serialize_curve`,

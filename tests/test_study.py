@@ -146,6 +146,28 @@ def test_study_command_rejects_bad_entry(omniglot_dir, tmp_path, capsys):
     assert "Invalid study entry 'hinge'" in capsys.readouterr().err
 
 
+def test_study_command_passes_run_settings(omniglot_dir, tmp_path, monkeypatch):
+    import keras_xbm.study
+
+    calls = {}
+
+    def record(data_dir, entries, **kwargs):
+        calls.update(kwargs, data_dir=data_dir, entries=entries)
+        return []
+
+    monkeypatch.setattr(keras_xbm.study, "run_study", record)
+    status = main([
+        "study", "--data-dir", omniglot_dir, "--grid", "full", "--seeds", "3,5", "--memory-size", "512",
+        "--learning-rate", "0.002", "--output-dir", str(tmp_path),
+    ])
+    assert status == 0
+    assert calls["entries"] == list(GRIDS["full"])
+    assert calls["seeds"] == (3, 5)
+    assert calls["base_config"].memory_size == 512
+    assert calls["base_config"].learning_rate == 0.002
+    assert calls["base_config"].normalization == TrainConfig().normalization
+
+
 def test_study_command_rejects_zero_steps(omniglot_dir, tmp_path, capsys):
     status = main(["study", "--data-dir", omniglot_dir, "--steps", "0", "--entry", "circle", "--output-dir", str(tmp_path)])
     assert status == 2
