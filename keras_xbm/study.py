@@ -159,10 +159,11 @@ def gradient_mass(loss, similarity, pos_mask, neg_mask, hard_threshold=0.5):
     """Summarise where the gradient of a loss goes on one set of pairs.
 
     Returns:
-        A dict: `positive_mass` and `negative_mass`, the sums of the pair
-        weights (`induced_weights`); `hard_share`, the part of the negative
-        mass on negatives more similar than `hard_threshold`; `weighted_negatives`,
-        the fraction of negatives with a non-zero weight.
+        A dict with `positive_mass` and `negative_mass`, the sums of the pair
+        weights (`induced_weights`), and `hard_share`, the part of the
+        negative mass on negatives more similar than `hard_threshold`. Its
+        `weighted_negatives` is the fraction of negatives with a non-zero
+        weight, and `hard_negatives_fraction` the fraction above the threshold.
     """
     w_pos, w_neg = (tensor.numpy() for tensor in weighting.induced_weights(loss, similarity, pos_mask, neg_mask))
     negative_mass = float(w_neg.sum())
@@ -186,7 +187,7 @@ def analyze_memory(entry, config, output_dir):
     loss = entry.build_loss(config)
     model = build_model(config, (config.image_size, config.image_size, 1), loss=loss)
     with warnings.catch_warnings():
-        # The weights file also holds the trained optimizer's state, which this fresh model does not need.
+        # The weights file also contains the optimizer state, which this fresh model does not need.
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(os.path.join(config.output_dir, "xbm.weights.h5"))
     similarity, pos_mask, neg_mask = newest_batch_pairs(model, config.batch_size)
@@ -343,7 +344,7 @@ def run_study(data_dir, entries, seeds=(0, 1, 2), output_dir="runs/study", steps
     every entry at the same number of seeds.
 
     Args:
-        data_dir: the folder that holds the Omniglot zips.
+        data_dir: the folder that contains the Omniglot zips.
         entries: `StudyEntry` objects or their text.
         seeds: the seeds, one run of each entry per seed. Defaults to
             `(0, 1, 2)`.

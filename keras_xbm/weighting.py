@@ -18,7 +18,7 @@ ignore the mask. `Softmax` depends on the other pairs of the same anchor (row
 induces it with 1 added to the denominator. Curves compose: `Step(0.5) * Exponential(10.0, 0.5)` keeps the hard
 negatives only and weighs them by hardness.
 
-Every curve serializes with `get_config` / `from_config`; `serialize_curve`,
+Every curve serializes with `get_config` / `from_config`. `serialize_curve`,
 `deserialize_curve` and `parse_curve` go through the registry `CURVES`, so a
 curve can be stored in a loss config or written on the command line as
 `step(threshold=0.5)*exponential(scale=10)`.

@@ -215,7 +215,7 @@ def test_circle_loss_matches_oracle(seed, margin, scale):
     value, gradient = tf_value_and_gradient(lambda x, p, n: circle_loss(x, p, n, margin, scale), s, pos, neg)
     s64 = s.astype(np.float64)
     assert value == pytest.approx(circle_oracle(s64, pos, neg, margin, scale), rel=1e-5)
-    # The factors a_p and a_n are constants of the gradient, so the finite difference holds them at s.
+    # The factors a_p and a_n are constants of the gradient, so the finite difference keeps them at s.
     expected_gradient = finite_difference(lambda x: circle_oracle(x, pos, neg, margin, scale, alpha_from=s64), s)
     np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-3, atol=1e-5)
 

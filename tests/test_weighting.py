@@ -221,7 +221,7 @@ def test_induced_weights_of_contrastive_loss():
 
 
 def multi_similarity_weights_oracle(similarity, pos, neg, alpha, beta, lam, eps):
-    """The multi-similarity pair weights as written in the paper, divided by the valid anchors."""
+    """The multi-similarity pair weights of Wang et al. (CVPR 2019), divided by the number of valid anchors."""
     w_pos = np.zeros(similarity.shape)
     w_neg = np.zeros(similarity.shape)
     anchors = [i for i in range(similarity.shape[0]) if pos[i].any() and neg[i].any()]
@@ -244,7 +244,8 @@ def test_induced_weights_of_multi_similarity_are_analytic(seed):
     loss = MultiSimilarityLoss(positive_scale=2.0, negative_scale=10.0, threshold=0.5, mining_margin=0.1)
     w_pos, w_neg = induced_weights(loss, similarity, pos, neg)
     expected_pos, expected_neg = multi_similarity_weights_oracle(similarity, pos, neg, 2.0, 10.0, 0.5, 0.1)
-    assert expected_pos.any() and expected_neg.any()
+    assert expected_pos.any()
+    assert expected_neg.any()
     np.testing.assert_allclose(w_pos.numpy(), expected_pos, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(w_neg.numpy(), expected_neg, rtol=1e-4, atol=1e-7)
 
