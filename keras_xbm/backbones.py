@@ -53,10 +53,10 @@ class ImageNetNormalization(keras.layers.Layer):
     """The input normalisation of `keras.applications` for `mode`, as a layer of the network.
 
     `mode="caffe"` (ResNet-50's) turns RGB in [0, 255] into BGR minus the
-    ImageNet channel means; `"tf"` scales to [-1, 1]; `"torch"` scales to
-    [0, 1] and standardises by the ImageNet means and deviations. Inside the
-    network, the exported SavedModel takes the same RGB pixels as the
-    training pipeline.
+    ImageNet channel means. `"tf"` scales to [-1, 1]. `"torch"` scales to
+    [0, 1] and standardises by the ImageNet means and deviations. Because the
+    normalisation is a layer of the network, the exported SavedModel takes
+    the same RGB pixels as the training pipeline.
 
     Args:
         mode: `"caffe"`, `"tf"` or `"torch"`. Defaults to `"caffe"`.

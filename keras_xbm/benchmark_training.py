@@ -1,10 +1,10 @@
 """The training job of the image-file benchmarks: `keras-xbm train --dataset sop|inshop|vehicleid|cub|cars|folder`.
 
-One call reads the benchmark, checks that every image decodes, trains with
-P x K batches from the image pipeline, lowers the learning rate when the
-validation Recall@1 stops improving, evaluates the test protocol the reader
-hands over (leave-one-out, or query against gallery for In-Shop), and writes
-the same files as the Omniglot job.
+One call reads the benchmark, checks that every image decodes and trains
+with P x K batches from the image pipeline. It lowers the learning rate when
+the validation Recall@1 stops improving, then evaluates the test protocol the
+reader hands over (leave-one-out, or query against gallery for In-Shop) and
+writes the same files as the Omniglot job.
 """
 
 import dataclasses

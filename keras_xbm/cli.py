@@ -96,7 +96,7 @@ def add_evaluate_parser(subparsers):
     parser = subparsers.add_parser(
         "evaluate",
         help="compute Recall@K of an exported SavedModel on a dataset's test split",
-        description="Embed the test split with a SavedModel and print Recall@K (leave-one-out).",
+        description="Embed the test split with a SavedModel and print Recall@K (leave-one-out; In-Shop queries search its gallery).",
     )
     parser.add_argument("--model", required=True, help="SavedModel folder, or a folder of numbered versions (the newest is used)")
     parser.add_argument("--dataset", default="omniglot", choices=["omniglot", "sop", "inshop", "vehicleid", "cub", "cars", "folder"], help="dataset (default: %(default)s)")

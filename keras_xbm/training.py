@@ -25,7 +25,7 @@ WEIGHT_DECAY_MODES = ("l2", "decoupled")
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a training run; the CLI flags and the keys of a `--config` file map one to one onto these fields.
+    """Every setting of a training run: one field per CLI flag and per key of a `--config` file.
 
     The defaults are the Omniglot recipe: 3,000 steps of batch 16 (4 classes x
     4 images), a memory of 1,024 slots switched on after 500 steps, Adam at
@@ -40,7 +40,7 @@ class TrainConfig:
 
     Weight decay: with `weight_decay_mode="l2"` the term
     `weight_decay / 2 * sum(w ** 2)` over every trainable weight joins the
-    loss, so Adam sees the gradient `g + weight_decay * w`, which is what
+    loss, so Adam receives the gradient `g + weight_decay * w`, which is what
     PyTorch's `Adam(weight_decay=...)` of the published recipe does.
     `"decoupled"` passes `weight_decay` to Keras' `Adam`, which shrinks the
     weights by `learning_rate * weight_decay * w` after each step (AdamW).

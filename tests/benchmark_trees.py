@@ -61,7 +61,12 @@ def write_inshop_tree(root, train_items=20, test_items=3, image_folder="img"):
         for shot in range(size):
             name = f"img/WOMEN/Dresses/{item}/{shot:02d}_1_front.jpg"
             write_jpeg(os.path.join(root, image_folder, name[len("img/") :]), seed=index * 10 + shot)
-            status = "train" if train else ("query" if shot < 2 else "gallery")
+            if train:
+                status = "train"
+            elif shot < 2:
+                status = "query"
+            else:
+                status = "gallery"
             entries.append(f"{name} {item} {status}")
     write_lines(
         os.path.join(root, "Eval", "list_eval_partition.txt"),
@@ -71,7 +76,7 @@ def write_inshop_tree(root, train_items=20, test_items=3, image_folder="img"):
 
 
 def write_vehicleid_tree(root, train_vehicles=20, test_sizes=None):
-    """Write train_test_split/*.txt and image/*.jpg; test list N holds `test_sizes[N]` vehicles of 2 images."""
+    """Write train_test_split/*.txt and image/*.jpg; test list N contains `test_sizes[N]` vehicles of 2 images."""
     test_sizes = test_sizes or {800: 3, 1600: 4, 2400: 5}
     split_dir = os.path.join(root, "train_test_split")
     train_lines = []

@@ -71,7 +71,7 @@ def test_small_cnn_image_network_rescales_rgb():
         backbones.image_network("vgg", 16)
 
 
-def test_l2_weight_decay_adds_half_decay_times_squared_norm():
+def test_l2_weight_decay_term():
     network = backbones.image_network("small_cnn", 16, embedding_dim=8)
     add_l2_weight_decay(network, 5e-4)
     expected = 5e-4 / 2 * sum(float(np.sum(np.square(np.asarray(w)))) for w in network.trainable_weights)

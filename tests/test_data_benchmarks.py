@@ -110,7 +110,7 @@ def test_sop_class_in_both_splits_rejected(tmp_path):
 def test_sop_empty_split_rejected(tmp_path):
     write_sop_tree(str(tmp_path))
     write_lines(tmp_path / "Ebay_test.txt", ["image_id class_id super_class_id path"])
-    with pytest.raises(ValueError, match=r"The test split read from .*Ebay_test\.txt holds no images"):
+    with pytest.raises(ValueError, match=r"The test split read from .*Ebay_test\.txt contains no images"):
         load_sop(str(tmp_path))
 
 
@@ -239,7 +239,7 @@ def test_cub_unlabelled_image_rejected(tmp_path):
 
 def test_cub_empty_test_split_rejected(tmp_path):
     folder = write_cub_tree(str(tmp_path), classes=(1, 2))
-    with pytest.raises(ValueError, match=r"The test \(classes 101-200\) split read from .* holds no images"):
+    with pytest.raises(ValueError, match=r"The test \(classes 101-200\) split read from .* contains no images"):
         load_cub(folder)
 
 
@@ -291,7 +291,7 @@ def test_folder_train_test_layout(tmp_path):
 
 def test_folder_with_one_class_rejected(tmp_path):
     write_jpeg(str(tmp_path / "only" / "0.jpg"), seed=0)
-    with pytest.raises(ValueError, match="holds 1 class folder"):
+    with pytest.raises(ValueError, match="contains 1 class folder"):
         load_image_folder(str(tmp_path))
 
 

@@ -46,7 +46,7 @@ def list_class_folders(directory):
         if images:
             classes[name] = images
         else:
-            logger.warning("Class folder %s holds no image file and is skipped", folder)
+            logger.warning("Class folder %s contains no image file and is skipped", folder)
     return classes
 
 
@@ -84,7 +84,7 @@ def load_image_folder(data_dir, train_fraction=0.5):
         classes = list_class_folders(root)
         if len(classes) < 2:
             raise ValueError(
-                f"{root!r} holds {len(classes)} class folder(s) with images: expected at least two. Layout: {LAYOUT}"
+                f"{root!r} contains {len(classes)} class folder(s) with images: expected at least two. Layout: {LAYOUT}"
             )
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"Invalid train_fraction={train_fraction!r}: expected a number between 0 and 1.")

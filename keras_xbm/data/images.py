@@ -8,9 +8,9 @@ The transforms are those of the XBM recipe for 224-pixel ResNet-50 inputs:
 - eval: resize the shorter side to 256, take the central 224x224 crop.
 
 Both are computed as one crop of the decoded image followed by one resize
-(bilinear with antialiasing): the crop box is mapped back to the original
+(bilinear with antialiasing). The crop box is mapped back to the original
 pixels, so the result equals resize-then-crop up to interpolation and
-rounding, and a JPEG is decoded only inside the crop window
+rounding. A JPEG is decoded only inside the crop window
 (`tf.image.decode_and_crop_jpeg`). Images are decoded as RGB whatever their
 encoding (JPEG, PNG, BMP or GIF; grayscale is replicated to three channels)
 and come out as float32 in [0, 255]. The backbone's own input normalisation
@@ -93,9 +93,9 @@ def train_transform(contents, seed, crop_size=CROP_SIZE, scale=CROP_SCALE, ratio
 def sample_crop_box(shape, seed, scale=CROP_SCALE, ratio=CROP_RATIO):
     """Draw a random resized crop's window `[top, left, height, width]` inside an image of `shape = [height, width]`.
 
-    The window covers a share of the area drawn from `scale` with a width /
-    height drawn from `ratio`; after 10 draws that do not fit, it is the
-    whole image.
+    The window covers a share of the area drawn from `scale`, with a width /
+    height drawn from `ratio`. When 10 draws in a row do not fit inside the
+    image, the window is the whole image.
     """
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.concat([tf.cast(shape, tf.int32), [3]], axis=0),

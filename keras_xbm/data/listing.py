@@ -157,9 +157,9 @@ def check_header(path, line, expected):
 
 
 def check_not_empty(split, split_name, source):
-    """Raise `ValueError` when `split` holds no image."""
+    """Raise `ValueError` when `split` contains no image."""
     if len(split) == 0:
-        raise ValueError(f"The {split_name} split read from {source} holds no images.")
+        raise ValueError(f"The {split_name} split read from {source} contains no images.")
 
 
 def check_disjoint_classes(train_keys, test_keys, train_source, test_source):

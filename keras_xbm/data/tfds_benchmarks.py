@@ -1,9 +1,9 @@
 """SOP, CUB-200-2011 and Cars196 through TensorFlow Datasets, re-split by class.
 
-For users with a network: TFDS downloads and prepares the dataset once, then
-`load_tfds_benchmark` writes every image to an image folder with a label
-list (the conversion runs once per output folder) and splits it by class as
-the on-disk readers do:
+For users with a network. TFDS downloads and prepares the dataset once.
+`load_tfds_benchmark` then writes every image to an image folder with a
+label list, once per output folder, and splits it by class as the on-disk
+readers do:
 
 | name   | TFDS dataset               | label field | train labels (0-based) |
 | ------ | -------------------------- | ----------- | ---------------------- |

@@ -6,7 +6,7 @@ large test sets) hold other vehicles. Metric-learning papers, XBM among them,
 report Recall@1 and Recall@5 with leave-one-out search within one test list.
 
 NOTE: the release's own re-identification protocol instead draws one gallery
-image per vehicle at random and queries it with the rest; this reader hands
+image per vehicle at random and queries it with the rest. This reader hands
 evaluation the leave-one-out protocol of the metric-learning papers.
 
 Layout (the `VehicleID_V1.0` folder of the release):
