@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_xbm import backbones
 from keras_xbm.data import load_omniglot, pk_dataset
+from keras_xbm.data.images import default_resize_size
 from keras_xbm.export import export_saved_model
 from keras_xbm.losses import NORMALIZATIONS, ContrastiveLoss
 from keras_xbm.models import XBMModel
@@ -18,23 +19,38 @@ from keras_xbm.retrieval.protocols import SEARCHES, leave_one_out_recall
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("omniglot",)
+DATASETS = ("omniglot", "sop", "inshop", "vehicleid", "cub", "cars", "folder")
+WEIGHT_DECAY_MODES = ("l2", "decoupled")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a training run; the CLI flags map one to one onto these fields.
+    """Every setting of a training run: one field per CLI flag and per key of a `--config` file.
 
     The defaults are the Omniglot recipe: 3,000 steps of batch 16 (4 classes x
     4 images), a memory of 2,048 slots switched on after 500 steps, Adam at
     3e-4 and the "pairs" normalisation, finishing in a few minutes on 2 CPU
     cores. docs/normalization.md has the measurements behind these values.
+    `configs/*.yaml` hold the XBM recipe of the image benchmarks.
+
+    Fields left at `None` depend on the dataset: `output_dir` is
+    `runs/<dataset>`, `export_dir` `saved_models/<dataset>`, `image_size` 32
+    for Omniglot and 224 otherwise, `resize_size` 256/224 of `image_size`,
+    `backbone` `small_cnn` for Omniglot and `resnet50` otherwise, and
+    `recall_ks` the benchmark's usual K values.
+
+    Weight decay: with `weight_decay_mode="l2"` the term
+    `weight_decay / 2 * sum(w ** 2)` over every trainable weight joins the
+    loss, so Adam receives the gradient `g + weight_decay * w`, which is what
+    PyTorch's `Adam(weight_decay=...)` of the published recipe does.
+    `"decoupled"` passes `weight_decay` to Keras' `Adam`, which shrinks the
+    weights by `learning_rate * weight_decay * w` after each step (AdamW).
     """
 
     dataset: str = "omniglot"
     data_dir: str = ""
-    output_dir: str = "runs/omniglot"
-    export_dir: str = "saved_models/omniglot"
+    output_dir: str = None
+    export_dir: str = None
     steps: int = 3000
     batch_size: int = 16
     samples_per_class: int = 4
@@ -45,13 +61,47 @@ class TrainConfig:
     negative_threshold: float = 0.5
     normalization: str = "pairs"
     embedding_dim: int = 128
-    image_size: int = 32
+    image_size: int = None
     seed: int = 0
-    recall_ks: tuple = (1, 2, 4, 8)
+    recall_ks: tuple = None
     index: str = "exact"
     jit_compile: bool = True
     export: bool = True
     verbose: int = 1
+    # Image-file benchmarks (every dataset but Omniglot).
+    backbone: str = None
+    pooling: str = "max"
+    freeze_batch_norm: bool = False
+    weights: str = None
+    resize_size: int = None
+    test_list: int = 800
+    from_tfds: bool = False
+    weight_decay: float = 0.0
+    weight_decay_mode: str = "l2"
+    allow_repeats: bool = False
+    validation_fraction: float = 0.0
+    validation_every: int = 1000
+    lr_patience: int = 3
+    lr_factor: float = 0.1
+    verify_images: bool = True
+    eval_batch_size: int = 64
+
+    def __post_init__(self):
+        omniglot = self.dataset == "omniglot"
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.dataset}"
+        if self.export_dir is None:
+            self.export_dir = f"saved_models/{self.dataset}"
+        if self.image_size is None:
+            self.image_size = 32 if omniglot else 224
+        if self.backbone is None:
+            self.backbone = "small_cnn" if omniglot else "resnet50"
+        if self.recall_ks is None and omniglot:
+            self.recall_ks = (1, 2, 4, 8)
+        if self.recall_ks is not None:
+            self.recall_ks = tuple(self.recall_ks)
+        if self.resize_size is None and isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
+            self.resize_size = default_resize_size(self.image_size)
 
     def validate(self):
         """Raise `ValueError` naming the first setting that cannot work."""
@@ -86,15 +136,93 @@ class TrainConfig:
             )
         if self.index not in SEARCHES:
             raise ValueError(f"Unknown index={self.index!r}: expected one of {', '.join(SEARCHES)}.")
+        self.validate_image_settings()
+
+    def validate_image_settings(self):
+        """Raise `ValueError` naming the first setting of the backbone, the schedule or the image benchmarks that cannot work."""
+        if self.backbone not in backbones.BACKBONES:
+            raise ValueError(f"Unknown backbone={self.backbone!r}: expected one of {', '.join(backbones.BACKBONES)}.")
+        if self.dataset == "omniglot" and self.backbone != "small_cnn":
+            raise ValueError(
+                f"backbone={self.backbone!r} needs RGB images, but Omniglot is grayscale: use backbone small_cnn."
+            )
+        if self.pooling not in backbones.POOLINGS:
+            raise ValueError(f"Unknown pooling={self.pooling!r}: expected one of {', '.join(backbones.POOLINGS)}.")
+        if self.weights not in (None, "imagenet"):
+            raise ValueError(f"Invalid weights={self.weights!r}: expected none or imagenet.")
+        if self.test_list not in (800, 1600, 2400):
+            raise ValueError(f"Invalid test_list={self.test_list!r}: expected 800, 1600 or 2400.")
+        if self.from_tfds and self.dataset not in ("sop", "cub", "cars"):
+            raise ValueError(f"dataset={self.dataset!r} cannot be read from TFDS: expected sop, cub or cars.")
+        if self.recall_ks is not None and (not self.recall_ks or min(self.recall_ks) < 1):
+            raise ValueError(f"Invalid recall_ks={self.recall_ks!r}: expected positive integers.")
+        for name in ("resize_size", "validation_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}={value!r}: expected a positive integer.")
+        if self.resize_size < self.image_size:
+            raise ValueError(
+                f"resize_size={self.resize_size} is smaller than image_size={self.image_size}: "
+                "expected the shorter side before cropping to be at least the crop."
+            )
+        if self.dataset != "omniglot" and self.backbone == "resnet50" and self.image_size < 32:
+            raise ValueError(f"Invalid image_size={self.image_size}: ResNet-50 expects at least 32 pixels.")
+        if isinstance(self.lr_patience, bool) or not isinstance(self.lr_patience, int) or self.lr_patience < 0:
+            raise ValueError(f"Invalid lr_patience={self.lr_patience!r}: expected a non-negative integer.")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise ValueError(f"Invalid lr_factor={self.lr_factor!r}: expected a number between 0 and 1.")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"Invalid validation_fraction={self.validation_fraction!r}: expected a number in [0, 1).")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay={self.weight_decay!r}: expected a non-negative number.")
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(
+                f"Unknown weight_decay_mode={self.weight_decay_mode!r}: expected one of {', '.join(WEIGHT_DECAY_MODES)}."
+            )
 
     @property
     def classes_per_batch(self):
         return self.batch_size // self.samples_per_class
 
 
+def build_network(config, input_shape):
+    """Build the embedding network of a run: `small_cnn` on Omniglot's arrays, `backbones.image_network` on RGB files."""
+    if config.dataset == "omniglot":
+        return backbones.small_cnn(input_shape=input_shape, embedding_dim=config.embedding_dim)
+    return backbones.image_network(
+        config.backbone,
+        config.image_size,
+        embedding_dim=config.embedding_dim,
+        pooling=config.pooling,
+        freeze_batch_norm=config.freeze_batch_norm,
+        weights=config.weights,
+    )
+
+
+def build_optimizer(config):
+    """Return the run's Adam, with decoupled weight decay when `weight_decay_mode="decoupled"`."""
+    if config.weight_decay and config.weight_decay_mode == "decoupled":
+        return keras.optimizers.Adam(config.learning_rate, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(config.learning_rate)
+
+
+def add_l2_weight_decay(network, weight_decay):
+    """Attach `L2(weight_decay / 2)` to every trainable weight of `network` (biases and normalisation included).
+
+    The regulariser's gradient is `weight_decay * w`, the L2 form of weight
+    decay that PyTorch's `Adam(weight_decay=...)` adds to the gradient.
+    `XBMModel.train_step` adds these terms to the loss.
+    """
+    regularizer = keras.regularizers.L2(weight_decay / 2.0)
+    for variable in network.trainable_weights:
+        variable.regularizer = regularizer
+
+
 def build_model(config, input_shape):
     """Build and compile the `XBMModel` of a run."""
-    network = backbones.small_cnn(input_shape=input_shape, embedding_dim=config.embedding_dim)
+    network = build_network(config, input_shape)
+    if config.weight_decay and config.weight_decay_mode == "l2":
+        add_l2_weight_decay(network, config.weight_decay)
     loss = ContrastiveLoss(negative_threshold=config.negative_threshold, normalization=config.normalization)
     model = XBMModel(
         network,
@@ -103,7 +231,7 @@ def build_model(config, input_shape):
         warmup_steps=config.warmup_steps,
         memory_weight=config.memory_weight,
     )
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
+    model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
     return model
 
 
@@ -121,6 +249,10 @@ def run_training(config):
     The SavedModel goes to the next version folder of `config.export_dir`.
     """
     config.validate()
+    if config.dataset != "omniglot":
+        from keras_xbm.benchmark_training import run_benchmark_training
+
+        return run_benchmark_training(config)
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.output_dir, exist_ok=True)
 
