@@ -2,10 +2,10 @@
 
 Under a strategy each replica embeds its shard of the global batch. `XBMModel`
 gathers the queries, labels and sample ids of all replicas in replica order, so
-every replica holds the same global batch: it scores its own queries against
-that whole batch and against the memory, and writes the whole batch into its
-own copy of the memory. The copies therefore stay identical without any
-broadcast of the memory itself.
+every replica has the same global batch. Each replica scores its own queries
+against that whole batch and against the memory, and writes the whole batch
+into its own copy of the memory. The copies therefore stay identical without
+any broadcast of the memory itself.
 
 The helpers below are no-ops on one replica (no strategy, a one-device
 strategy, or code running outside `strategy.run`), so the single-device path
@@ -136,7 +136,7 @@ def add_replica_local_weight(layer, name, shape, dtype, autocast=True):
 def check_global_batch(global_batch_size, replicas):
     """Raise `ValueError` unless a global batch splits evenly over the replicas.
 
-    Keras splits each global batch into one slice per replica; a remainder
+    Keras splits each global batch into one slice per replica. A remainder
     would give the replicas slices of different sizes, which Keras' input
     handling and TPUs reject.
     """
@@ -159,7 +159,7 @@ def static_batch_size(inputs, batch_size=None):
             return first.shape[0]
         return None
     if hasattr(inputs, "shape") or isinstance(inputs, (list, tuple, dict)):
-        # Keras batches in-memory arrays by 32 unless told otherwise.
+        # Keras batches in-memory arrays by 32 when fit() gets no batch_size.
         return 32 if batch_size is None else batch_size
     return None
 

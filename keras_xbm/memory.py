@@ -101,7 +101,7 @@ class CrossBatchMemory(keras.layers.Layer):
         """Write a batch into the oldest slots, wrapping around the end of the buffer.
 
         Inside `strategy.run` with several replicas, each replica passes its
-        own rows: the rows of all replicas are gathered in replica order and
+        own rows. The rows of all replicas are gathered in replica order and
         every replica writes that global batch, so all copies of the memory
         receive the same rows in the same slots.
 

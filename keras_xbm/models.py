@@ -258,15 +258,15 @@ class XBMModel(keras.Model):
             all_ids = -1 - tf.range(global_size)
         local_size = tf.shape(labels)[0]
         offset = replica_row_offset(local_size)
-        return all_queries, all_labels, all_ids, all_ids[offset : offset + local_size]
+        return all_queries, all_labels, all_ids, tf.slice(all_ids, [offset], [local_size])
 
     def splits_pair_loss(self):
-        """Whether each replica scores its own queries only (always true on one replica).
+        """Return whether each replica scores its own queries only (always true on one replica).
 
         That needs a pair loss whose `pair_loss` takes `global_count` (see
         `replica_pair_loss`). For any other pair loss every replica scores the
-        whole gathered batch: the result is as exact, but the pair loss is
-        computed once per replica.
+        whole gathered batch. The result is as exact, but every replica then
+        computes the whole pair loss.
         """
         if num_replicas() == 1:
             return True
@@ -283,8 +283,8 @@ class XBMModel(keras.Model):
         this is `pair_loss`. When each of the R replicas scores its own query
         rows, the pair loss divides by counts summed over the replicas
         (`global_count`), so the R shares add up to the loss of the global
-        batch; R times the share is returned, the scale of a replica's loss in
-        Keras' trainer.
+        batch. The method returns R times the share, because Keras' trainer
+        expects a replica's loss at that scale and divides it by R.
         """
         replicas = num_replicas()
         if replicas == 1 or not self.splits_pair_loss():
@@ -311,10 +311,10 @@ class XBMModel(keras.Model):
         that a memory fed by another encoder can embed the batch itself.
 
         Under `tf.distribute` every replica calls this with its own rows. A
-        memory must then write the rows of all replicas, gathered in replica
-        order with `keras_xbm.distributed.all_gather`, so that every replica's
-        copy receives the same rows; `CrossBatchMemory.enqueue` gathers them
-        itself.
+        memory must then gather the rows of all replicas in replica order with
+        `keras_xbm.distributed.all_gather` and write them all, so that every
+        replica's copy receives the same rows. `CrossBatchMemory.enqueue`
+        gathers them itself.
         """
         del inputs
         self.memory.enqueue(queries, labels, sample_ids)

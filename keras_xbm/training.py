@@ -118,8 +118,8 @@ def build_distributed_model(config, input_shape, strategy):
     """Build the run's model in `strategy.scope()`, with the settings that several replicas need.
 
     With more than one replica, every `BatchNormalization` layer computes its
-    statistics over the global batch (so training matches one device fed that
-    batch), and XLA is turned off: Keras 3.15 with TensorFlow 2.20 fails to
+    statistics over the global batch, so training matches one device fed that
+    batch. XLA is turned off, because Keras 3.15 with TensorFlow 2.20 fails to
     compile a step that spans several devices or workers.
     """
     replicas = strategy.num_replicas_in_sync
