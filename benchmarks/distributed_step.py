@@ -6,7 +6,11 @@ of this script, so their ratios are comparable even on a noisy machine. On a
 shared machine, wrap the run in `flock /tmp/keras_xbm_timing.lock`. Prints a
 table and writes benchmarks/results/distributed_step.json.
 
-    python benchmarks/distributed_step.py [--steps 60] [--memory-sizes 1024,55000]
+    python benchmarks/distributed_step.py [--steps 40] [--rounds 3] [--memory-sizes 1024,55000]
+
+Every round runs each setting once, in the same order, so a change in the
+machine's load during the run spreads over all settings. The table gives the
+median over the rounds of each run's median step time, and its range.
 
 On a machine without GPU the 2 replicas are 2 logical devices carved from the
 same CPU cores, so this measures the cost of the distribution machinery
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -81,7 +86,7 @@ def time_setting(strategy_name, devices, jit_compile, memory_size, steps, batch_
         def on_train_batch_end(self, batch, logs=None):
             self.times.append(time.perf_counter())
 
-    # The first steps trace and compile the step; they are left out.
+    # The first steps trace and compile the step, so they are left out.
     warmup = 5
     recorder = StepTimes()
     model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[recorder])
@@ -102,7 +107,8 @@ def run_worker(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per setting (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per run (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each setting (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=32, help="side of the input images (default: %(default)s)")
     parser.add_argument("--memory-sizes", default="1024,55000", help="comma-separated memory sizes")
@@ -116,22 +122,40 @@ def main():
         return run_worker(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    rows = []
     load_before = os.getloadavg()
-    for memory_size in (int(size) for size in args.memory_sizes.split(",")):
-        for label, strategy, devices, jit_compile in SETTINGS:
-            command = [
-                sys.executable, os.path.abspath(__file__), "--worker",
-                "--strategy", strategy, "--devices", str(devices), "--memory-size", str(memory_size),
-                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-            ]
-            if jit_compile:
-                command.append("--jit")
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            row = {"setting": label, "memory_size": memory_size, "jit_compile": jit_compile}
-            row.update(json.loads(output.strip().splitlines()[-1]))
-            rows.append(row)
-            logger.info("memory %6d  %-42s %8.2f ms/step", memory_size, label, row["median_ms"])
+    runs = {}
+    for round_index in range(args.rounds):
+        for memory_size in (int(size) for size in args.memory_sizes.split(",")):
+            for label, strategy, devices, jit_compile in SETTINGS:
+                command = [
+                    sys.executable, os.path.abspath(__file__), "--worker",
+                    "--strategy", strategy, "--devices", str(devices), "--memory-size", str(memory_size),
+                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+                ]
+                if jit_compile:
+                    command.append("--jit")
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                run = json.loads(output.strip().splitlines()[-1])
+                runs.setdefault((memory_size, label, jit_compile), []).append(run)
+                logger.info(
+                    "round %d  memory %6d  %-42s %8.2f ms/step", round_index + 1, memory_size, label, run["median_ms"]
+                )
+
+    rows = []
+    for (memory_size, label, jit_compile), setting_runs in runs.items():
+        medians = [run["median_ms"] for run in setting_runs]
+        rows.append(
+            {
+                "setting": label,
+                "memory_size": memory_size,
+                "jit_compile": jit_compile,
+                "replicas": setting_runs[0]["replicas"],
+                "median_ms": float(statistics.median(medians)),
+                "min_ms": min(medians),
+                "max_ms": max(medians),
+                "run_medians_ms": medians,
+            }
+        )
 
     sizes = {
         "omniglot_1024x128": memory_bytes(1024, 128),
@@ -144,6 +168,7 @@ def main():
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "steps": args.steps,
+        "rounds": args.rounds,
         "rows": rows,
         "memory_bytes_per_replica": sizes,
     }
@@ -151,9 +176,12 @@ def main():
     with open(RESULTS, "w") as handle:
         json.dump(result, handle, indent=2)
 
-    print(f"{'memory':>8}  {'setting':<42} {'replicas':>8} {'median ms/step':>15}")
+    print(f"{'memory':>8}  {'setting':<42} {'replicas':>8} {'ms/step':>8} {'range':>16}")
     for row in rows:
-        print(f"{row['memory_size']:>8}  {row['setting']:<42} {row['replicas']:>8} {row['median_ms']:15.2f}")
+        spread = f"{row['min_ms']:.1f}-{row['max_ms']:.1f}"
+        print(
+            f"{row['memory_size']:>8}  {row['setting']:<42} {row['replicas']:>8} {row['median_ms']:8.2f} {spread:>16}"
+        )
     for name, size in sizes.items():
         print(f"memory per replica, {name}: {size:,} bytes ({size / 2**20:.1f} MiB)")
     print(f"load average before/after: {load_before} / {result['load_average_after']}")
