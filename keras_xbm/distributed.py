@@ -259,6 +259,7 @@ def make_strategy(name="default", devices=0):
         return strategy
 
     gpus = tf.config.list_physical_devices("GPU")
+    # NOTE: only the CPU branch has run (tests on logical CPU devices); the GPU branch is untested.
     if gpus:
         count = devices or len(gpus)
         if count > len(gpus):
