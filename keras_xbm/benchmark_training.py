@@ -16,13 +16,15 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_xbm.callbacks import RetrievalEvaluation
 from keras_xbm.data.benchmarks import load_benchmark
 from keras_xbm.data.images import check_images, eval_dataset, train_dataset
+from keras_xbm.distributed import is_chief
 from keras_xbm.export import export_saved_model
 from keras_xbm.retrieval.protocols import evaluate_retrieval
-from keras_xbm.training import build_model
+from keras_xbm.training import build_distributed_model, shard_by_data
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ def build_callbacks(config, validation, ks):
     return callbacks
 
 
-def run_benchmark_training(config):
+def run_benchmark_training(config, strategy=None):
     """Train on an image-file benchmark, evaluate its test protocol and export; return the results dictionary.
 
     Validation: with `config.validation_fraction > 0`, that share of the
@@ -124,7 +126,8 @@ def run_benchmark_training(config):
 
     Writes `metrics.json`, `history.json` and `xbm.weights.h5` to
     `config.output_dir` and the SavedModel to the next version folder of
-    `config.export_dir`. K values larger than the references each query has
+    `config.export_dir`; under a multi-worker `strategy` only the chief
+    writes them. K values larger than the references each query has
     are dropped from the test metrics and listed under `dropped_ks`.
 
     Raises:
@@ -146,7 +149,10 @@ def run_benchmark_training(config):
         train, config.classes_per_batch, config.samples_per_class, crop_size=config.image_size,
         seed=config.seed, allow_repeats=config.allow_repeats,
     )
-    model = build_model(config, (config.image_size, config.image_size, 3))
+    strategy = strategy or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync > 1:
+        dataset = shard_by_data(dataset)
+    model = build_distributed_model(config, (config.image_size, config.image_size, 3), strategy)
     every = min(config.validation_every, config.steps)
     callbacks = build_callbacks(config, validation, ks)
 
@@ -182,8 +188,12 @@ def run_benchmark_training(config):
         validation_images=0 if validation is None else len(validation),
         test_images=len(benchmark.evaluation_paths()),
         test_classes=benchmark.query.num_classes,
+        replicas=strategy.num_replicas_in_sync,
         config={key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()},
     )
+    if not is_chief(strategy):
+        results["chief"] = False
+        return results
     model.save_weights(os.path.join(config.output_dir, "xbm.weights.h5"))
     with open(os.path.join(config.output_dir, "history.json"), "w") as handle:
         json.dump({key: [float(v) for v in values] for key, values in history.history.items()}, handle, indent=2)

@@ -65,6 +65,20 @@ def add_train_parser(subparsers):
     parser.add_argument("--recall-k", type=parse_int_list, default=None, help="K values of Recall@K (default: the dataset's usual list; 1,2,4,8 for omniglot)")
     parser.add_argument("--index", default=defaults.index, choices=["exact", "scann"], help="search used for Recall@K (default: %(default)s)")
     parser.add_argument("--no-jit", dest="jit_compile", action="store_false", help="run the train step without XLA")
+    parser.add_argument(
+        "--strategy",
+        default=defaults.strategy,
+        choices=["default", "mirrored", "multi-worker"],
+        help="tf.distribute strategy: one device, MirroredStrategy over this machine's devices, or "
+        "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (default: %(default)s; see docs/distributed.md)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=defaults.devices,
+        help="devices of --strategy mirrored: N GPUs, or N logical CPU devices on a machine without GPU "
+        "(default: every GPU, or the CPU alone)",
+    )
     add_image_benchmark_arguments(parser, defaults)
     parser.set_defaults(handler=run_train)
     return parser
@@ -171,8 +185,13 @@ def run_train(args):
             f"Not reported: Recall@K for K = {', '.join(map(str, results['dropped_ks']))}, "
             "larger than the references each query has in this test split."
         )
-    print(f"Training: {config.steps} steps in {results['train_seconds']:.0f} s ({results['step_ms']:.1f} ms/step)")
-    print(f"Metrics: {os.path.join(config.output_dir, 'metrics.json')}")
+    replicas = f" on {results['replicas']} replicas" if results["replicas"] > 1 else ""
+    print(
+        f"Training: {config.steps} steps{replicas} in {results['train_seconds']:.0f} s "
+        f"({results['step_ms']:.1f} ms/step)"
+    )
+    if results.get("chief", True):
+        print(f"Metrics: {os.path.join(config.output_dir, 'metrics.json')}")
     if "export_path" in results:
         print(f"SavedModel: {results['export_path']}")
     return 0
@@ -222,6 +241,9 @@ def main(argv=None):
     # `train --config` needs the raw arguments to tell flags given from defaults.
     args.command_line = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        # TensorFlow logs every collective operation it builds under tf.distribute at INFO.
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

@@ -8,10 +8,12 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_xbm import backbones
 from keras_xbm.data import load_omniglot, pk_dataset
 from keras_xbm.data.images import default_resize_size
+from keras_xbm.distributed import STRATEGIES, check_global_batch, is_chief, make_strategy, synchronize_batch_norm
 from keras_xbm.export import export_saved_model
 from keras_xbm.losses import NORMALIZATIONS, ContrastiveLoss
 from keras_xbm.models import XBMModel
@@ -102,6 +104,8 @@ class TrainConfig:
             self.recall_ks = tuple(self.recall_ks)
         if self.resize_size is None and isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
             self.resize_size = default_resize_size(self.image_size)
+    strategy: str = "default"
+    devices: int = 0
 
     def validate(self):
         """Raise `ValueError` naming the first setting that cannot work."""
@@ -136,6 +140,10 @@ class TrainConfig:
             )
         if self.index not in SEARCHES:
             raise ValueError(f"Unknown index={self.index!r}: expected one of {', '.join(SEARCHES)}.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown strategy={self.strategy!r}: expected one of {', '.join(STRATEGIES)}.")
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 0:
+            raise ValueError(f"Invalid devices={self.devices!r}: expected a non-negative integer (0 for the default).")
         self.validate_image_settings()
 
     def validate_image_settings(self):
@@ -235,6 +243,36 @@ def build_model(config, input_shape):
     return model
 
 
+def build_distributed_model(config, input_shape, strategy):
+    """Build the run's model in `strategy.scope()`, with the settings that several replicas need.
+
+    With more than one replica, every `BatchNormalization` layer computes its
+    statistics over the global batch, so training matches one device fed that
+    batch. XLA is turned off, because Keras 3.15 with TensorFlow 2.20 fails to
+    compile a step that spans several devices or workers.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1 and config.jit_compile:
+        logger.warning("Training without XLA: jit_compile is not supported on %d replicas.", replicas)
+        config = dataclasses.replace(config, jit_compile=False)
+    with strategy.scope():
+        model = build_model(config, input_shape)
+        if replicas > 1:
+            synchronize_batch_norm(model.embedding_model)
+    return model
+
+
+def shard_by_data(dataset):
+    """Let every worker keep its own slice of each global batch (`tf.data` DATA sharding).
+
+    Every worker runs the same seeded P x K sampler, so all workers produce the
+    same global batches, and the slices of one step come from one global batch.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
 def embed(model, images, batch_size=256):
     """Return the L2-normalised embeddings of `images` as a float32 array."""
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)
@@ -247,12 +285,17 @@ def run_training(config):
     with the run's settings and timings), `history.json` (the training
     metrics) and `xbm.weights.h5` (network and memory, for `load_weights`).
     The SavedModel goes to the next version folder of `config.export_dir`.
+    In a multi-worker run every worker trains and evaluates, and only the
+    chief writes these files.
     """
     config.validate()
+    # First: logical CPU devices and the multi-worker runtime must exist before any other TensorFlow call.
+    strategy = make_strategy(config.strategy, config.devices)
+    check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
     if config.dataset != "omniglot":
         from keras_xbm.benchmark_training import run_benchmark_training
 
-        return run_benchmark_training(config)
+        return run_benchmark_training(config, strategy)
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.output_dir, exist_ok=True)
 
@@ -264,7 +307,9 @@ def run_training(config):
     dataset = pk_dataset(
         train.images, train.labels, config.classes_per_batch, config.samples_per_class, seed=config.seed
     )
-    model = build_model(config, train.images.shape[1:])
+    if strategy.num_replicas_in_sync > 1:
+        dataset = shard_by_data(dataset)
+    model = build_distributed_model(config, train.images.shape[1:], strategy)
 
     start = time.perf_counter()
     history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose)
@@ -277,10 +322,15 @@ def run_training(config):
     results.update(
         train_seconds=train_seconds,
         step_ms=1000.0 * train_seconds / config.steps,
+        replicas=strategy.num_replicas_in_sync,
         test_images=len(test),
         test_classes=test.num_classes,
         config={key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()},
     )
+    if not is_chief(strategy):
+        # Training and `predict` need every worker; the files are written by the chief alone.
+        results["chief"] = False
+        return results
     model.save_weights(os.path.join(config.output_dir, "xbm.weights.h5"))
     with open(os.path.join(config.output_dir, "history.json"), "w") as handle:
         json.dump({key: [float(v) for v in values] for key, values in history.history.items()}, handle, indent=2)
