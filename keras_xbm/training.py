@@ -14,6 +14,7 @@ from keras_xbm.data import load_omniglot, pk_dataset
 from keras_xbm.export import export_saved_model
 from keras_xbm.losses import NORMALIZATIONS, ContrastiveLoss
 from keras_xbm.models import XBMModel
+from keras_xbm.momentum import MEMORY_TYPES, resolve_momentum
 from keras_xbm.retrieval.protocols import SEARCHES, leave_one_out_recall
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class TrainConfig:
     memory_size: int = 1024
     warmup_steps: int = 500
     memory_weight: float = 1.0
+    # "fifo", "momentum-encoder" or "momentum-bank"; momentum None takes the form's default.
+    memory: str = "fifo"
+    momentum: float = None
     learning_rate: float = 1e-3
     negative_threshold: float = 0.5
     normalization: str = "pairs"
@@ -85,22 +89,43 @@ class TrainConfig:
             )
         if self.index not in SEARCHES:
             raise ValueError(f"Unknown index={self.index!r}: expected one of {', '.join(SEARCHES)}.")
+        self.validate_memory()
+
+    def validate_memory(self):
+        if self.memory not in MEMORY_TYPES:
+            raise ValueError(f"Unknown memory={self.memory!r}: expected one of {', '.join(MEMORY_TYPES)}.")
+        resolve_momentum(self.memory, self.momentum)
+        if self.memory != "fifo" and self.memory_size == 0:
+            raise ValueError(
+                f"memory={self.memory!r} needs a memory, but memory_size is 0 (--no-memory): drop one of the two."
+            )
 
     @property
     def classes_per_batch(self):
         return self.batch_size // self.samples_per_class
 
 
-def build_model(config, input_shape):
-    """Build and compile the `XBMModel` of a run."""
+def build_model(config, input_shape, num_train_samples=None):
+    """Build and compile the `XBMModel` of a run.
+
+    With `config.memory == "momentum-bank"` the bank gets one slot per
+    training sample, `num_train_samples`, and `config.memory_size` is unused.
+    """
+    memory_size = config.memory_size
+    if config.memory == "momentum-bank":
+        if num_train_samples is None:
+            raise ValueError("memory='momentum-bank' needs num_train_samples, the size of the training set.")
+        memory_size = int(num_train_samples)
     network = backbones.small_cnn(input_shape=input_shape, embedding_dim=config.embedding_dim)
     loss = ContrastiveLoss(negative_threshold=config.negative_threshold, normalization=config.normalization)
     model = XBMModel(
         network,
-        memory_size=config.memory_size,
+        memory_size=memory_size,
         loss=loss,
         warmup_steps=config.warmup_steps,
         memory_weight=config.memory_weight,
+        memory_type=config.memory,
+        momentum=config.momentum,
     )
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
     return model
@@ -111,13 +136,14 @@ def embed(model, images, batch_size=256):
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)
 
 
-def run_training(config):
+def run_training(config, callbacks=None):
     """Train, evaluate on the test split and export; return the results dictionary.
 
     Writes to `config.output_dir`: `metrics.json` (recall@K on the test split,
     with the run's settings and timings), `history.json` (the training
     metrics) and `xbm.weights.h5` (network and memory, for `load_weights`).
     The SavedModel goes to the next version folder of `config.export_dir`.
+    `callbacks` (a list of Keras callbacks) are passed to `fit`.
     """
     config.validate()
     keras.utils.set_random_seed(config.seed)
@@ -131,10 +157,10 @@ def run_training(config):
     dataset = pk_dataset(
         train.images, train.labels, config.classes_per_batch, config.samples_per_class, seed=config.seed
     )
-    model = build_model(config, train.images.shape[1:])
+    model = build_model(config, train.images.shape[1:], num_train_samples=len(train))
 
     start = time.perf_counter()
-    history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose)
+    history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.perf_counter() - start
 
     embeddings = embed(model, test.images)
@@ -148,6 +174,8 @@ def run_training(config):
         test_classes=test.num_classes,
         config={key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()},
     )
+    # The momentum default and the bank size are resolved in build_model; record what ran.
+    results.update(memory=config.memory, momentum=model.momentum, memory_slots=model.memory_size)
     model.save_weights(os.path.join(config.output_dir, "xbm.weights.h5"))
     with open(os.path.join(config.output_dir, "history.json"), "w") as handle:
         json.dump({key: [float(v) for v in values] for key, values in history.history.items()}, handle, indent=2)
