@@ -33,11 +33,11 @@ def main():
     network = keras_xbm.backbones.small_cnn(input_shape=(32, 32, 1), embedding_dim=128)
     model = keras_xbm.XBMModel(
         network,
-        memory_size=1024,
+        memory_size=2048,
         warmup_steps=300,
         loss=keras_xbm.ContrastiveLoss(negative_threshold=0.5),
     )
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=keras.optimizers.Adam(3e-4))
     model.fit(dataset, steps_per_epoch=args.steps, epochs=1)
 
     embeddings = model.predict(test.images, verbose=0)
