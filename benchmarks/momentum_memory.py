@@ -118,8 +118,8 @@ def time_setting(name, steps, batch_size=16, image_size=32):
         ids = (np.arange(batch_size) + step * batch_size) % OMNIGLOT_TRAIN_IMAGES
         return {"labels": labels, "sample_ids": ids.astype(np.int32)}
 
-    # Compile, and fill a 1,024-slot ring buffer, before timing.
-    for step in range(70):
+    # Compile, and fill the ring buffer (TrainConfig's memory_size slots), before timing.
+    for step in range(3 + config.memory_size // batch_size):
         model.train_on_batch(images, targets(step))
     start = time.perf_counter()
     for step in range(steps):
