@@ -1,6 +1,6 @@
 """Plain FIFO memory against the momentum-updated memories on the Omniglot benchmark.
 
-Three parts:
+Four parts:
 
 - `recall`: trains each setting with `run_training` (TrainConfig defaults,
   batch 16, the same number of steps) for each seed, with a `MemoryDrift`
@@ -12,12 +12,15 @@ Three parts:
   Omniglot shape, so the ratios are comparable on a shared machine. Run it
   under the timing lock:
   `flock /tmp/keras_xbm_timing.lock python benchmarks/momentum_memory.py timing`.
-- `report`: reads both, prints the Markdown table (R@1 and R@4 mean and
+- `drift`: the same training runs with a training-mode `MemoryDrift` over every
+  stored entry, written to benchmarks/results/momentum_memory_drift/.
+- `report`: reads them all, prints the Markdown table (R@1 and R@4 mean and
   standard deviation over seeds, step time), writes
   benchmarks/results/momentum_memory.json and the drift figure
   docs/figures/memory_drift.png.
 
     python benchmarks/momentum_memory.py recall [--settings fifo,no-memory] [--seeds 0,1,2]
+    python benchmarks/momentum_memory.py drift --settings fifo,encoder-0.99,encoder-0.999,bank-0.5 --seeds 0
     flock /tmp/keras_xbm_timing.lock python benchmarks/momentum_memory.py timing
     python benchmarks/momentum_memory.py report
 """
@@ -44,6 +47,7 @@ from keras_xbm.training import TrainConfig, build_model, run_training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS_DIR = os.path.join(HERE, "results", "momentum_memory")
+DRIFT_DIR = os.path.join(HERE, "results", "momentum_memory_drift")
 TIMING_PATH = os.path.join(HERE, "results", "momentum_memory_timing.json")
 SUMMARY_PATH = os.path.join(HERE, "results", "momentum_memory.json")
 FIGURE_PATH = os.path.join(HERE, "..", "docs", "figures", "memory_drift.png")
@@ -68,12 +72,12 @@ DRIFT_MEASUREMENTS = 6
 AGE_BIN_STEPS = 8
 
 
-def run_recall(settings, seeds, data_dir, steps):
-    os.makedirs(RUNS_DIR, exist_ok=True)
+def run_recall(settings, seeds, data_dir, steps, runs_dir=RUNS_DIR, drift_training=False, drift_sample_size=512):
+    os.makedirs(runs_dir, exist_ok=True)
     train, _ = load_omniglot(data_dir, image_size=TrainConfig().image_size)
     for name in settings:
         for seed in seeds:
-            path = os.path.join(RUNS_DIR, f"{name}_seed{seed}.json")
+            path = os.path.join(runs_dir, f"{name}_seed{seed}.json")
             if os.path.exists(path):
                 continue
             keras.backend.clear_session()
@@ -85,8 +89,9 @@ def run_recall(settings, seeds, data_dir, steps):
                 drift = MemoryDrift(
                     train.images,
                     every_n_steps=max(1, config_steps // DRIFT_MEASUREMENTS),
-                    sample_size=512,
+                    sample_size=drift_sample_size,
                     age_bin_steps=AGE_BIN_STEPS,
+                    training=drift_training,
                     seed=seed,
                 )
                 callbacks.append(drift)
@@ -118,8 +123,9 @@ def time_setting(name, steps, batch_size=16, image_size=32):
         ids = (np.arange(batch_size) + step * batch_size) % OMNIGLOT_TRAIN_IMAGES
         return {"labels": labels, "sample_ids": ids.astype(np.int32)}
 
-    # Compile, and fill the ring buffer (TrainConfig's memory_size slots), before timing.
-    for step in range(3 + config.memory_size // batch_size):
+    # Compile before timing. The step's cost does not depend on how full the
+    # memory is: every slot is scored and masked at fixed shapes.
+    for step in range(5):
         model.train_on_batch(images, targets(step))
     start = time.perf_counter()
     for step in range(steps):
@@ -176,6 +182,12 @@ def run_report():
         with open(TIMING_PATH) as handle:
             timing = json.load(handle)
 
+    drift_runs = []
+    if os.path.isdir(DRIFT_DIR):
+        for file_name in sorted(os.listdir(DRIFT_DIR)):
+            with open(os.path.join(DRIFT_DIR, file_name)) as handle:
+                drift_runs.append(json.load(handle))
+
     rows = []
     curves = {}
     for name in SETTINGS:
@@ -188,8 +200,10 @@ def run_report():
         if timing and name in timing["step_ms"]:
             row["step_ms"] = float(np.median(timing["step_ms"][name]))
         rows.append(row)
-        if selected[0]["drift"]:
-            curves[LABELS[name]] = final_drift_curve(selected)
+        drift_selected = [run for run in drift_runs if run["setting"] == name]
+        if drift_selected and drift_selected[0]["drift"]:
+            curves[LABELS[name]] = final_drift_curve(drift_selected)
+            row["drift_final_mean"] = float(np.mean([run["drift"][-1]["mean_similarity"] for run in drift_selected]))
 
     fifo_ms = next((row.get("step_ms") for row in rows if row["setting"] == "fifo"), None)
     print("| memory | R@1 mean ± sd | R@4 mean ± sd | ms/step (x FIFO) | seeds |")
@@ -205,7 +219,7 @@ def run_report():
 
     if curves:
         os.makedirs(os.path.dirname(FIGURE_PATH), exist_ok=True)
-        plot_memory_drift(curves, FIGURE_PATH, title="Memory drift at the end of training (mean of 3 seeds)")
+        plot_memory_drift(curves, FIGURE_PATH, title="Memory drift at step 996 of 1000 (seed 0, re-embedded in training mode)")
         print(f"Figure: {os.path.normpath(FIGURE_PATH)}")
     defaults = {key: value for key, value in dataclasses.asdict(TrainConfig()).items() if key != "data_dir"}
     with open(SUMMARY_PATH, "w") as handle:
@@ -215,7 +229,7 @@ def run_report():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["recall", "timing", "report"], help="what to run")
+    parser.add_argument("part", choices=["recall", "drift", "timing", "report"], help="what to run")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the recall part (default: %(default)s)")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Omniglot folder (default: ../shared/data/omniglot)")
@@ -229,8 +243,12 @@ def main():
     if unknown:
         parser.error(f"unknown settings {unknown}: expected some of {', '.join(SETTINGS)}")
 
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     if args.part == "recall":
-        run_recall(settings, [int(seed) for seed in args.seeds.split(",")], args.data_dir, args.steps)
+        run_recall(settings, seeds, args.data_dir, args.steps)
+    elif args.part == "drift":
+        # Training-mode drift of every stored entry (the whole ring buffer), one batch per age.
+        run_recall(settings, seeds, args.data_dir, args.steps, DRIFT_DIR, drift_training=True, drift_sample_size=4096)
     elif args.part == "timing":
         run_timing(settings, args.timing_steps, args.repeats)
     else:

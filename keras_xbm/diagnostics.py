@@ -26,7 +26,7 @@ def pair_statistics(similarities, positive_masks, negative_masks, similarity_gra
     """Summarise the pairs of one train step, per reference set.
 
     A negative pair is an active hard negative when the loss sends a gradient
-    through it (`dL/dS != 0`), whatever the loss; during warm-up the memory
+    through it (`dL/dS != 0`), whatever the loss. During warm-up the memory
     term has no gradient, so the memory reports no hard negatives then.
 
     Args:
@@ -170,9 +170,9 @@ class MemoryDrift(keras.callbacks.Callback):
     """Measure how far the memory's stored embeddings are from the network's current ones.
 
     Every `every_n_steps` steps the callback draws up to `sample_size` valid
-    memory entries whose sample id indexes `images`, embeds those images with
-    the model being trained (the online network, which computes the
-    queries), and computes the cosine similarity between each stored row and
+    memory entries whose sample id indexes `images`. It embeds those images
+    with the model being trained (the online network, which computes the
+    queries) and computes the cosine similarity between each stored row and
     its fresh embedding. Entries are grouped by age in bins of
     `age_bin_steps` steps. Each measurement is appended to `self.records` as a
     dict with keys `step`, `ages` (first age of each bin), `similarity` (the
@@ -185,10 +185,16 @@ class MemoryDrift(keras.callbacks.Callback):
     momentum encoder the stored rows come from the averaged network, so the
     similarity also shows its lag behind the online one.
 
-    NOTE: stored rows were embedded in training mode, with the batch
-    statistics of their P x K batch. With `training=False` (the default) fresh
-    embeddings use the moving statistics, so with batch normalisation even
-    the newest entries score a little below 1.
+    Stored rows were embedded in training mode, with the batch statistics of
+    their batch. With `training=True` (the default) the sampled entries are
+    re-embedded in training mode, one batch per age, so a ring buffer's
+    entries of one age, all sampled, are re-embedded with exactly the batch
+    they were written with. The network's batch normalisation statistics are
+    restored afterwards. With `training=False` fresh embeddings use the
+    moving statistics, and the gap between the two modes adds to the drift.
+
+    NOTE: a momentum bank's entries of one age are the part of their batch
+    not rewritten since, so their fresh batch statistics are approximate.
 
     Args:
         images: array `[num_samples, ...]`, the training images indexed by
@@ -199,9 +205,8 @@ class MemoryDrift(keras.callbacks.Callback):
         rows_per_step: rows written to a ring-buffer memory per step. Defaults
             to `None`: read from the memory's write pointer over the first
             step.
-        training: the mode of the fresh embeddings. With `True` the
-            network's batch normalisation statistics are restored after the
-            measurement. Defaults to `False`.
+        training: the mode of the fresh embeddings (see above). Defaults to
+            `True`.
         plot_path: PNG file for the drift curves, or `None`. Defaults to
             `None`.
         batch_size: images embedded per call. Defaults to 256.
@@ -215,7 +220,7 @@ class MemoryDrift(keras.callbacks.Callback):
         sample_size=256,
         age_bin_steps=1,
         rows_per_step=None,
-        training=False,
+        training=True,
         plot_path=None,
         batch_size=256,
         seed=0,
@@ -266,17 +271,27 @@ class MemoryDrift(keras.callbacks.Callback):
             plot_memory_drift(drift_curves(self.records), self.plot_path)
             logger.info("Memory drift plot written to %s", self.plot_path)
 
-    def embed(self, images):
+    def embed(self, images, ages):
+        """Embed `images` with the online network; in training mode one batch per age."""
+        if not self.training:
+            parts = [
+                np.asarray(self.model(images[start : start + self.batch_size], training=False), np.float32)
+                for start in range(0, len(images), self.batch_size)
+            ]
+            return np.concatenate(parts)
+
         network = self.model.embedding_model
-        saved_state = [variable.numpy() for variable in network.non_trainable_variables] if self.training else None
-        parts = [
-            np.asarray(self.model(images[start : start + self.batch_size], training=self.training), np.float32)
-            for start in range(0, len(images), self.batch_size)
-        ]
-        if saved_state is not None:
-            for variable, value in zip(network.non_trainable_variables, saved_state):
-                variable.assign(value)
-        return np.concatenate(parts)
+        saved_state = [variable.numpy() for variable in network.non_trainable_variables]
+        fresh = None
+        for age in np.unique(ages):
+            rows = np.flatnonzero(ages == age)
+            embeddings = np.asarray(self.model(images[rows], training=True), np.float32)
+            if fresh is None:
+                fresh = np.zeros((len(images), embeddings.shape[1]), np.float32)
+            fresh[rows] = embeddings
+        for variable, value in zip(network.non_trainable_variables, saved_state):
+            variable.assign(value)
+        return fresh
 
     def measure(self):
         """Measure the drift now, append the record to `self.records` and return it (`None` if nothing to measure)."""
@@ -289,7 +304,7 @@ class MemoryDrift(keras.callbacks.Callback):
         if usable.size > self.sample_size:
             usable = np.sort(self.rng.choice(usable, self.sample_size, replace=False))
 
-        fresh = self.embed(np.asarray(self.images)[sample_ids[usable]])
+        fresh = self.embed(np.asarray(self.images)[sample_ids[usable]], ages[usable])
         stored = stored[usable]
         similarity = np.sum(stored * fresh, axis=1) / (
             np.linalg.norm(stored, axis=1) * np.linalg.norm(fresh, axis=1)

@@ -10,7 +10,7 @@ are in use:
   copy of the embedding network, `theta_ema <- m * theta_ema + (1 - m) * theta`
   after each optimizer step. The batch is embedded by the EMA copy and those
   embeddings go into the ring buffer, while the queries come from the online
-  network. `MomentumEncoder` holds the copy.
+  network. `MomentumEncoder` is that copy.
 - Per-sample momentum bank (Wu et al., "Unsupervised Feature Learning via
   Non-Parametric Instance Discrimination", CVPR 2018): one slot per training
   image, addressed by its sample id; each time the image comes again its slot
@@ -131,7 +131,7 @@ class MomentumEncoder(keras.layers.Layer):
         online_weights = online.weights
         if len(average_weights) != len(online_weights):
             raise ValueError(
-                f"The momentum encoder holds {len(average_weights)} weights but the online network "
+                f"The momentum encoder has {len(average_weights)} weights but the online network "
                 f"{len(online_weights)}: both must have the same architecture."
             )
         momentum = tf.where(self.updates > 0, self.momentum, 0.0)
@@ -154,7 +154,7 @@ class MomentumEncoder(keras.layers.Layer):
 class MomentumBank(keras.layers.Layer):
     """One embedding slot per training sample, updated by an exponential moving average.
 
-    Slot `i` holds the embedding of the sample whose id is `i`. Writing a row
+    Slot `i` stores the embedding of the sample whose id is `i`. Writing a row
     with id `i` sets
 
         slot_i <- l2_normalize(m * slot_i + (1 - m) * new)
@@ -285,7 +285,7 @@ class MomentumBank(keras.layers.Layer):
                 and the id is recorded instead; `raise_on_invalid_id` raises
                 the same error after the step.
 
-        NOTE: a batch that holds the same sample id twice writes that slot
+        NOTE: a batch that contains the same sample id twice writes that slot
         once, from either row; both rows carry the same image, so they agree
         unless the network is stochastic (dropout).
         """
