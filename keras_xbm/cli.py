@@ -25,8 +25,12 @@ def parse_int_list(text):
     return values
 
 
+def parse_weights(text):
+    return None if text.lower() == "none" else text
+
+
 def add_train_parser(subparsers):
-    from keras_xbm.training import TrainConfig
+    from keras_xbm.training import DATASETS, TrainConfig
 
     defaults = TrainConfig()
     parser = subparsers.add_parser(
@@ -35,10 +39,10 @@ def add_train_parser(subparsers):
         description="Train on the train split, print Recall@K on the test split, write metrics.json "
         "and export a SavedModel for TF Serving.",
     )
-    parser.add_argument("--dataset", default=defaults.dataset, choices=["omniglot"], help="dataset (default: %(default)s)")
+    parser.add_argument("--dataset", default=defaults.dataset, choices=DATASETS, help="dataset (default: %(default)s)")
     parser.add_argument("--data-dir", required=True, help="directory holding the dataset")
-    parser.add_argument("--output-dir", default=defaults.output_dir, help="where metrics.json, history.json and the weights go (default: %(default)s)")
-    parser.add_argument("--export-dir", default=defaults.export_dir, help="SavedModel folder; each run adds the next version (default: %(default)s)")
+    parser.add_argument("--output-dir", default=None, help="where metrics.json, history.json and the weights go (default: runs/<dataset>)")
+    parser.add_argument("--export-dir", default=None, help="SavedModel folder; each run adds the next version (default: saved_models/<dataset>)")
     parser.add_argument("--no-export", dest="export", action="store_false", help="skip the SavedModel export")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per batch, P x K (default: %(default)s)")
@@ -70,26 +74,67 @@ def add_train_parser(subparsers):
         help="how the pair terms are averaged (default: %(default)s; see docs/normalization.md)",
     )
     parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim, help="embedding width (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="side of the square input images in pixels (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=None, help="side of the square input images in pixels (default: 32 for omniglot, 224 otherwise)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
-    parser.add_argument("--recall-k", type=parse_int_list, default=defaults.recall_ks, help="K values of Recall@K (default: 1,2,4,8)")
+    parser.add_argument("--recall-k", type=parse_int_list, default=None, help="K values of Recall@K (default: the dataset's usual list; 1,2,4,8 for omniglot)")
     parser.add_argument("--index", default=defaults.index, choices=["exact", "scann"], help="search used for Recall@K (default: %(default)s)")
     parser.add_argument("--no-jit", dest="jit_compile", action="store_false", help="run the train step without XLA")
+    parser.add_argument(
+        "--strategy",
+        default=defaults.strategy,
+        choices=["default", "mirrored", "multi-worker"],
+        help="tf.distribute strategy: one device, MirroredStrategy over this machine's devices, or "
+        "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (default: %(default)s; see docs/distributed.md)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=defaults.devices,
+        help="devices of --strategy mirrored: N GPUs, or N logical CPU devices on a machine without GPU "
+        "(default: every GPU, or the CPU alone)",
+    )
+    add_image_benchmark_arguments(parser, defaults)
     parser.set_defaults(handler=run_train)
+    return parser
+
+
+def add_image_benchmark_arguments(parser, defaults):
+    """Add the recipe file, backbone, schedule and image benchmark flags of `train`."""
+    boolean = argparse.BooleanOptionalAction
+    parser.add_argument("--config", help="YAML recipe file such as configs/sop.yaml; its keys are the long flag names with underscores, and flags given on the command line override it")
+    parser.add_argument("--backbone", default=None, choices=["small_cnn", "resnet50"], help="embedding network (default: small_cnn for omniglot, resnet50 otherwise)")
+    parser.add_argument("--pooling", default=defaults.pooling, choices=["max", "avg"], help="global pooling of resnet50 (default: %(default)s)")
+    parser.add_argument("--freeze-batch-norm", default=defaults.freeze_batch_norm, action=boolean, help="run resnet50's batch normalisation with fixed statistics (default: %(default)s)")
+    parser.add_argument("--weights", default=defaults.weights, type=parse_weights, choices=[None, "imagenet"], metavar="{none,imagenet}", help="resnet50 initial weights: none or imagenet, which downloads them (default: none)")
+    parser.add_argument("--resize-size", type=int, default=None, help="shorter side before the central crop of evaluation, in pixels (default: image size x 256/224)")
+    parser.add_argument("--test-list", type=int, default=defaults.test_list, choices=[800, 1600, 2400], help="VehicleID test set (default: %(default)s)")
+    parser.add_argument("--from-tfds", default=defaults.from_tfds, action=boolean, help="read sop, cub or cars through TensorFlow Datasets (downloads once) and convert the images into --data-dir (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="weight decay (default: %(default)s)")
+    parser.add_argument("--weight-decay-mode", default=defaults.weight_decay_mode, choices=["l2", "decoupled"], help="l2: a loss term, as PyTorch's Adam; decoupled: Keras' Adam weight_decay (default: %(default)s)")
+    parser.add_argument("--allow-repeats", default=defaults.allow_repeats, action=boolean, help="pad classes smaller than K by repeating images (default: %(default)s)")
+    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction, help="share of the train classes held out to validate; 0 keeps the learning rate constant (default: %(default)s)")
+    parser.add_argument("--validation-every", type=int, default=defaults.validation_every, help="steps between validations (default: %(default)s)")
+    parser.add_argument("--lr-patience", type=int, default=defaults.lr_patience, help="validations without a better val_recall@1 before the learning rate drops (default: %(default)s)")
+    parser.add_argument("--lr-factor", type=float, default=defaults.lr_factor, help="factor applied to the learning rate when it drops (default: %(default)s)")
+    parser.add_argument("--verify-images", default=defaults.verify_images, action=boolean, help="decode every image once before training and stop on unreadable files (default: %(default)s)")
+    parser.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="images per batch when embedding for evaluation (default: %(default)s)")
 
 
 def add_evaluate_parser(subparsers):
     parser = subparsers.add_parser(
         "evaluate",
         help="compute Recall@K of an exported SavedModel on a dataset's test split",
-        description="Embed the test split with a SavedModel and print Recall@K (leave-one-out).",
+        description="Embed the test split with a SavedModel and print Recall@K (leave-one-out; In-Shop queries search its gallery).",
     )
     parser.add_argument("--model", required=True, help="SavedModel folder, or a folder of numbered versions (the newest is used)")
-    parser.add_argument("--dataset", default="omniglot", choices=["omniglot"], help="dataset (default: %(default)s)")
+    parser.add_argument("--dataset", default="omniglot", choices=["omniglot", "sop", "inshop", "vehicleid", "cub", "cars", "folder"], help="dataset (default: %(default)s)")
     parser.add_argument("--data-dir", required=True, help="directory holding the dataset")
     parser.add_argument("--index", default="exact", choices=["exact", "scann"], help="search used for Recall@K (default: %(default)s)")
     parser.add_argument("--recall-k", type=parse_int_list, default=(1, 2, 4, 8), help="K values of Recall@K (default: 1,2,4,8)")
     parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--test-list", type=int, default=800, choices=[800, 1600, 2400], help="VehicleID test set (default: %(default)s)")
+    parser.add_argument("--from-tfds", action="store_true", help="read sop, cub or cars through TensorFlow Datasets, converted into --data-dir")
+    parser.add_argument("--resize-size", type=int, default=None, help="shorter side before the central crop, in pixels (default: the model's input side x 256/224)")
     parser.set_defaults(handler=run_evaluate)
 
 
@@ -101,46 +146,93 @@ def format_recall_table(results, title):
     return "\n".join(lines)
 
 
-def run_train(args):
-    from keras_xbm.training import TrainConfig, run_training
+def given_train_options(command_line, dests):
+    """Return the destinations among `dests` of the `train` options present on `command_line`."""
+    parser = add_train_parser(argparse.ArgumentParser(add_help=False).add_subparsers())
+    # argparse fills in a default only where the namespace has no value yet:
+    # a destination still holding the marker after parsing was not given.
+    not_given = object()
+    namespace = argparse.Namespace(**{dest: not_given for dest in dests})
+    parser.parse_args(command_line[command_line.index("train") + 1 :], namespace=namespace)
+    return {dest for dest in dests if getattr(namespace, dest) is not not_given}
+
+
+def train_settings(args):
+    """Return the `TrainConfig` fields of a `train` command: defaults, then the `--config` file, then the flags given."""
+    from keras_xbm.configs import read_config_file
+    from keras_xbm.training import TrainConfig
 
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     values = {key: value for key, value in vars(args).items() if key in fields}
-    values["recall_ks"] = tuple(args.recall_k)
+    values["recall_ks"] = args.recall_k
+    if args.config:
+        given = given_train_options(args.command_line, vars(args))
+        given = {"recall_ks" if dest == "recall_k" else dest for dest in given}
+        for key, value in read_config_file(args.config, TrainConfig).items():
+            if key not in given:
+                values[key] = value
     if args.no_memory:
         values["memory_size"] = 0
-    config = TrainConfig(**values)
+    return values
+
+
+def run_train(args):
+    from keras_xbm.training import TrainConfig, run_training
+
+    config = TrainConfig(**train_settings(args))
     results = run_training(config)
 
     memory = f"memory {config.memory_size}" if config.memory_size else "no memory"
-    if config.memory_size and config.memory != "fifo":
+    if config.memory_size and config.memory != "fifo" and "memory_slots" in results:
         memory = f"{config.memory} memory of {results['memory_slots']} slots, momentum {results['momentum']}"
+    if "evaluation" in results:
+        evaluation = results["evaluation"]
+    else:
+        evaluation = f"{results['test_classes']} unseen classes, {results['test_images']} images, leave-one-out"
     print()
     print(
         format_recall_table(
             results,
-            f"Recall@K on the {config.dataset} test split ({results['test_classes']} unseen classes, "
-            f"{results['test_images']} images, leave-one-out, {config.index} search; {memory})",
+            f"Recall@K on the {config.dataset} test split ({evaluation}, {config.index} search; {memory})",
         )
     )
-    print(f"Training: {config.steps} steps in {results['train_seconds']:.0f} s ({results['step_ms']:.1f} ms/step)")
-    print(f"Metrics: {os.path.join(config.output_dir, 'metrics.json')}")
+    if results.get("dropped_ks"):
+        print(
+            f"Not reported: Recall@K for K = {', '.join(map(str, results['dropped_ks']))}, "
+            "larger than the references each query has in this test split."
+        )
+    replicas = f" on {results['replicas']} replicas" if results["replicas"] > 1 else ""
+    print(
+        f"Training: {config.steps} steps{replicas} in {results['train_seconds']:.0f} s "
+        f"({results['step_ms']:.1f} ms/step)"
+    )
+    if results.get("chief", True):
+        print(f"Metrics: {os.path.join(config.output_dir, 'metrics.json')}")
     if "export_path" in results:
         print(f"SavedModel: {results['export_path']}")
     return 0
 
 
 def run_evaluate(args):
-    from keras_xbm.evaluation import evaluate_saved_model
+    from keras_xbm.evaluation import evaluate_saved_model, evaluate_saved_model_on_benchmark
 
-    results = evaluate_saved_model(args.model, args.data_dir, ks=args.recall_k, index=args.index)
+    if args.dataset == "omniglot":
+        results = evaluate_saved_model(args.model, args.data_dir, ks=args.recall_k, index=args.index)
+        evaluation = f"{results['test_classes']} classes, {results['test_images']} images"
+    else:
+        results = evaluate_saved_model_on_benchmark(
+            args.model, args.dataset, args.data_dir, ks=args.recall_k, index=args.index,
+            test_list=args.test_list, from_tfds=args.from_tfds, resize_size=args.resize_size,
+        )
+        evaluation = results["evaluation"]
     print(
         format_recall_table(
             results,
-            f"Recall@K of {results['model']} on the {args.dataset} test split "
-            f"({results['test_classes']} classes, {results['test_images']} images, {args.index} search)",
+            f"Recall@K of {results['model']} on the {args.dataset} test split ({evaluation}, {args.index} search)",
         )
     )
+    if results.get("dropped_ks"):
+        print(f"Not reported: Recall@K for K = {', '.join(map(str, results['dropped_ks']))}, larger than the references each query has.")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(results, handle, indent=2)
@@ -162,7 +254,12 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `train --config` needs the raw arguments to tell flags given from defaults.
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        # TensorFlow logs every collective operation it builds under tf.distribute at INFO.
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

@@ -64,3 +64,60 @@ def evaluate_saved_model(model_path, data_dir, ks=(1, 2, 4, 8), index="exact"):
     results = {"model": path, "index": index, "test_images": len(test), "test_classes": test.num_classes}
     results.update(leave_one_out_recall(embeddings, test.labels, ks=ks, index=index))
     return results
+
+
+def evaluate_saved_model_on_benchmark(model_path, dataset, data_dir, ks=None, index="exact", test_list=800, from_tfds=False, resize_size=None, batch_size=64):
+    """Embed an image benchmark's evaluation split with a SavedModel and return its Recall@K results.
+
+    The images go through the eval transform of `keras_xbm.data.images`
+    (shorter side `resize_size`, central crop of the model's input side),
+    as RGB in [0, 255], the input the exported image networks take. The
+    protocol is the one the benchmark's reader hands over: leave-one-out, or
+    query against gallery for In-Shop. K values larger than the references
+    of each query are dropped and listed under `dropped_ks`.
+
+    Args:
+        model_path: a SavedModel folder or a folder of numbered versions.
+        dataset: `"sop"`, `"inshop"`, `"vehicleid"`, `"cub"`, `"cars"` or `"folder"`.
+        data_dir: the dataset's folder (see `keras_xbm.data.load_benchmark`).
+        ks: the K values. Defaults to the benchmark's usual list.
+        index: `"exact"` or `"scann"`. Defaults to `"exact"`.
+        test_list: VehicleID's test set. Defaults to 800.
+        from_tfds: read through TFDS. Defaults to False.
+        resize_size: shorter side before the crop. Defaults to the input side x 256/224.
+        batch_size: images per forward pass. Defaults to 64.
+    """
+    from keras_xbm.benchmark_training import describe_evaluation, usable_ks
+    from keras_xbm.data.benchmarks import load_benchmark
+    from keras_xbm.data.images import eval_dataset
+    from keras_xbm.retrieval.protocols import evaluate_retrieval
+
+    path = resolve_saved_model(model_path)
+    function, input_spec = load_serving_function(path)
+    height, width, channels = input_spec.shape[1], input_spec.shape[2], input_spec.shape[3]
+    if height is None or height != width or channels != 3:
+        raise ValueError(
+            f"Expected a square fixed-size RGB image input in {path!r}, found shape {input_spec.shape}: "
+            "the image benchmarks need a model trained on them."
+        )
+    benchmark = load_benchmark(dataset, data_dir, test_list=test_list, from_tfds=from_tfds)
+    available = len(benchmark.query) - 1 if benchmark.gallery is None else len(benchmark.gallery)
+    kept_ks, dropped_ks = usable_ks(tuple(ks or benchmark.ks), available)
+
+    def embed(paths):
+        batches = eval_dataset(paths, int(height), resize_size, batch_size)
+        return np.concatenate([function(batch)["embeddings"].numpy() for batch in batches]).astype(np.float32)
+
+    gallery = None if benchmark.gallery is None else embed(benchmark.gallery.paths)
+    gallery_labels = None if benchmark.gallery is None else benchmark.gallery.labels
+    results = {
+        "model": path,
+        "index": index,
+        "protocol": benchmark.protocol,
+        "evaluation": describe_evaluation(benchmark),
+        "test_images": len(benchmark.evaluation_paths()),
+        "test_classes": benchmark.query.num_classes,
+        "dropped_ks": list(dropped_ks),
+    }
+    results.update(evaluate_retrieval(embed(benchmark.query.paths), benchmark.query.labels, gallery, gallery_labels, ks=kept_ks, index=index))
+    return results

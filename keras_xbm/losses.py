@@ -61,7 +61,7 @@ def check_pair_inputs(similarity, pos_mask, neg_mask):
     return similarity, pos_mask, neg_mask
 
 
-def normalize_pair_terms(pos_terms, neg_terms, pos_active, neg_active, normalization="pairs"):
+def normalize_pair_terms(pos_terms, neg_terms, pos_active, neg_active, normalization="pairs", global_count=None):
     """Reduce masked per-pair loss terms to a scalar loss.
 
     Args:
@@ -72,19 +72,26 @@ def normalize_pair_terms(pos_terms, neg_terms, pos_active, neg_active, normaliza
         neg_active: bool, the negative pairs with a non-zero weight.
         normalization: one of `"sum"`, `"batch"`, `"pairs"`, `"anchor"` (see the
             module docstring). Defaults to `"pairs"`.
+        global_count: function applied to every count that divides the sums
+            (pairs, queries, queries with pairs), or `None` for the counts of
+            the rows given. When the rows are one replica's share of the
+            queries, `XBMModel` passes a sum over the replicas: the replicas'
+            results then add up to the loss of all rows. Defaults to `None`.
 
     Returns:
         A float32 scalar; 0 when no pair is active (never NaN).
     """
     check_normalization(normalization)
-    pos_count = tf.reduce_sum(tf.cast(pos_active, tf.float32))
-    neg_count = tf.reduce_sum(tf.cast(neg_active, tf.float32))
+    if global_count is None:
+        global_count = tf.identity
+    pos_count = global_count(tf.reduce_sum(tf.cast(pos_active, tf.float32)))
+    neg_count = global_count(tf.reduce_sum(tf.cast(neg_active, tf.float32)))
 
     if normalization == "sum":
         return tf.reduce_sum(pos_terms) + tf.reduce_sum(neg_terms)
 
     if normalization == "batch":
-        num_queries = tf.cast(tf.shape(pos_terms)[0], tf.float32)
+        num_queries = global_count(tf.cast(tf.shape(pos_terms)[0], tf.float32))
         return tf.math.divide_no_nan(tf.reduce_sum(pos_terms) + tf.reduce_sum(neg_terms), num_queries)
 
     if normalization == "pairs":
@@ -99,10 +106,10 @@ def normalize_pair_terms(pos_terms, neg_terms, pos_active, neg_active, normaliza
         tf.reduce_sum(neg_terms, axis=1), neg_per_query
     )
     has_pairs = tf.cast(pos_per_query + neg_per_query > 0, tf.float32)
-    return tf.math.divide_no_nan(tf.reduce_sum(per_query * has_pairs), tf.reduce_sum(has_pairs))
+    return tf.math.divide_no_nan(tf.reduce_sum(per_query * has_pairs), global_count(tf.reduce_sum(has_pairs)))
 
 
-def contrastive_loss(similarity, pos_mask, neg_mask, negative_threshold=0.5, normalization="pairs"):
+def contrastive_loss(similarity, pos_mask, neg_mask, negative_threshold=0.5, normalization="pairs", global_count=None):
     """Contrastive loss with hard-negative selection, on cosine similarities.
 
     Per pair (i, j) with similarity `S`:
@@ -121,6 +128,7 @@ def contrastive_loss(similarity, pos_mask, neg_mask, negative_threshold=0.5, nor
         negative_threshold: similarity above which a negative counts. Defaults
             to 0.5.
         normalization: see the module docstring. Defaults to `"pairs"`.
+        global_count: see `normalize_pair_terms`. Defaults to `None`.
 
     Returns:
         A float32 scalar. A query set with no positive or no negative pair
@@ -133,16 +141,21 @@ def contrastive_loss(similarity, pos_mask, neg_mask, negative_threshold=0.5, nor
     zeros = tf.zeros_like(similarity)
     pos_terms = tf.where(pos_mask, 1.0 - similarity, zeros)
     neg_terms = tf.where(neg_active, similarity, zeros)
-    return normalize_pair_terms(pos_terms, neg_terms, pos_mask, neg_active, normalization)
+    return normalize_pair_terms(pos_terms, neg_terms, pos_mask, neg_active, normalization, global_count)
 
 
 class PairLoss(keras.losses.Loss):
     """Base class of the Keras pair losses.
 
-    Subclasses implement `pair_loss(similarity, pos_mask, neg_mask)`. Called as a
-    Keras loss, `loss(labels, embeddings)` scores the batch against itself, so
-    `model.compile(loss=ContrastiveLoss())` trains without a memory; `XBMModel`
-    calls `pair_loss` against the batch and against the memory.
+    Subclasses implement `pair_loss(similarity, pos_mask, neg_mask,
+    global_count=None)`. Called as a Keras loss, `loss(labels, embeddings)`
+    scores the batch against itself, so `model.compile(loss=ContrastiveLoss())`
+    trains without a memory; `XBMModel` calls `pair_loss` against the batch and
+    against the memory. Under `tf.distribute`, `XBMModel` passes each
+    replica's query rows with `global_count`, a sum over the replicas that
+    `pair_loss` must apply to every count it divides by (as
+    `normalize_pair_terms` does), so that the replicas' losses add up to the
+    loss of the global batch.
 
     Labels must be integer class ids of shape `[batch]` or `[batch, 1]`.
     """
@@ -150,7 +163,7 @@ class PairLoss(keras.losses.Loss):
     def __init__(self, name=None, **kwargs):
         super().__init__(name=name, reduction="sum", **kwargs)
 
-    def pair_loss(self, similarity, pos_mask, neg_mask):
+    def pair_loss(self, similarity, pos_mask, neg_mask, global_count=None):
         raise NotImplementedError
 
     def call(self, y_true, y_pred):
@@ -197,8 +210,10 @@ class ContrastiveLoss(PairLoss):
         self.negative_threshold = float(negative_threshold)
         self.normalization = normalization
 
-    def pair_loss(self, similarity, pos_mask, neg_mask):
-        return contrastive_loss(similarity, pos_mask, neg_mask, self.negative_threshold, self.normalization)
+    def pair_loss(self, similarity, pos_mask, neg_mask, global_count=None):
+        return contrastive_loss(
+            similarity, pos_mask, neg_mask, self.negative_threshold, self.normalization, global_count
+        )
 
     def get_config(self):
         return {

@@ -16,6 +16,8 @@ validity follows from the fill count, never from a label value.
 import keras
 import tensorflow as tf
 
+from keras_xbm.distributed import add_replica_local_weight, all_gather, num_replicas
+
 
 @keras.saving.register_keras_serializable(package="keras_xbm")
 class CrossBatchMemory(keras.layers.Layer):
@@ -73,26 +75,16 @@ class CrossBatchMemory(keras.layers.Layer):
             )
         self.embedding_dim = dim
 
-        # autocast=False keeps the stored embeddings float32 under a mixed
-        # precision policy: similarities to the memory are computed in float32.
-        self.embeddings = self.add_weight(
-            shape=(self.memory_size, dim),
-            initializer="zeros",
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            name="embeddings",
-        )
-        self.labels = self.add_weight(
-            shape=(self.memory_size,), initializer="zeros", dtype="int32", trainable=False, name="labels"
-        )
-        self.sample_ids = self.add_weight(
-            shape=(self.memory_size,), initializer="zeros", dtype="int32", trainable=False, name="sample_ids"
-        )
-        self.pointer = self.add_weight(shape=(), initializer="zeros", dtype="int32", trainable=False, name="pointer")
-        self.fill_count = self.add_weight(
-            shape=(), initializer="zeros", dtype="int32", trainable=False, name="fill_count"
-        )
+        # Each replica keeps its own copy and writes it inside `strategy.run`
+        # (see `add_replica_local_weight`); every replica writes the same
+        # gathered rows, so the copies stay identical. autocast=False keeps the
+        # stored embeddings float32 under a mixed precision policy:
+        # similarities to the memory are computed in float32.
+        add_replica_local_weight(self, "embeddings", (self.memory_size, dim), "float32", autocast=False)
+        add_replica_local_weight(self, "labels", (self.memory_size,), "int32")
+        add_replica_local_weight(self, "sample_ids", (self.memory_size,), "int32")
+        add_replica_local_weight(self, "pointer", (), "int32")
+        add_replica_local_weight(self, "fill_count", (), "int32")
         self.built = True
 
     def call(self, inputs):
@@ -108,6 +100,11 @@ class CrossBatchMemory(keras.layers.Layer):
     def enqueue(self, embeddings, labels, sample_ids):
         """Write a batch into the oldest slots, wrapping around the end of the buffer.
 
+        Inside `strategy.run` with several replicas, each replica passes its
+        own rows. The rows of all replicas are gathered in replica order and
+        every replica writes that global batch, so all copies of the memory
+        receive the same rows in the same slots.
+
         Args:
             embeddings: float `[batch, embedding_dim]`; stored as float32 and
                 detached from any gradient tape.
@@ -115,9 +112,10 @@ class CrossBatchMemory(keras.layers.Layer):
             sample_ids: integer `[batch]`, the dataset index of each row.
 
         Raises:
-            ValueError: when the shapes, dtypes or the batch size do not fit the
-                memory (checked when the shapes are known, that is always in
-                eager mode and for fixed-size batches in a traced step).
+            ValueError: when the shapes, dtypes or the (global) batch size do
+                not fit the memory (checked when the shapes are known, that is
+                always in eager mode and for fixed-size batches in a traced
+                step).
         """
         embeddings = tf.stop_gradient(tf.cast(tf.convert_to_tensor(embeddings), tf.float32))
         if embeddings.shape.rank != 2:
@@ -134,18 +132,26 @@ class CrossBatchMemory(keras.layers.Layer):
         sample_ids = as_int32_vector(sample_ids, "sample_ids")
 
         batch_size = embeddings.shape[0]
-        if batch_size is not None and batch_size > self.memory_size:
-            raise ValueError(
-                f"A batch of {batch_size} rows does not fit a memory of {self.memory_size} slots: "
-                "expected memory_size >= batch size."
-            )
         for name, tensor in (("labels", labels), ("sample_ids", sample_ids)):
             if batch_size is not None and tensor.shape[0] is not None and tensor.shape[0] != batch_size:
                 raise ValueError(
                     f"Expected {name} with {batch_size} entries, one per embedding; "
                     f"received shape {tensor.shape}."
                 )
+        replicas = num_replicas()
+        if batch_size is not None and replicas * batch_size > self.memory_size:
+            if replicas == 1:
+                received = f"A batch of {batch_size} rows"
+            else:
+                received = f"A global batch of {replicas * batch_size} rows ({replicas} replicas x {batch_size})"
+            raise ValueError(
+                f"{received} does not fit a memory of {self.memory_size} slots: "
+                "expected memory_size >= global batch size."
+            )
 
+        embeddings = all_gather(embeddings)
+        labels = all_gather(labels)
+        sample_ids = all_gather(sample_ids)
         batch_size = tf.shape(embeddings)[0]
         slots = (self.pointer + tf.range(batch_size)) % self.memory_size
         slots = slots[:, None]

@@ -1,15 +1,26 @@
 """`XBMModel`: a Keras model that trains an embedding network with a cross-batch memory."""
 
+import inspect
 import logging
 
 import keras
 import tensorflow as tf
 
 from keras_xbm.diagnostics import pair_statistics
+from keras_xbm.distributed import (
+    add_replica_local_weight,
+    all_gather,
+    check_global_batch,
+    num_replicas,
+    replica_row_offset,
+    scale_loss_for_distribution,
+    static_batch_size,
+    sum_over_replicas,
+)
 from keras_xbm.losses import ContrastiveLoss, PairLoss
 from keras_xbm.memory import CrossBatchMemory, as_int32_vector
 from keras_xbm.momentum import MomentumBank, MomentumEncoder, resolve_momentum
-from keras_xbm.pairs import cosine_similarity, in_batch_pairs, pair_masks
+from keras_xbm.pairs import cosine_similarity, pair_masks
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +50,17 @@ class XBMModel(keras.Model):
 
     Only `train_step` writes the memory: `evaluate` scores the batch term alone
     and `predict` returns embeddings, and neither touches the memory.
+
+    Under a `tf.distribute` strategy (create the model in `strategy.scope()`),
+    each replica embeds its slice of the global batch, gathers the queries,
+    labels and sample ids of all replicas in replica order, scores its own
+    queries against the whole global batch and the memory, and writes the
+    whole global batch into its copy of the memory. The loss is normalised
+    with counts summed over the replicas and scaled as Keras scales a
+    replica's loss, so the losses, gradients and memory equal those of one
+    device fed the same global batches. A pair loss whose `pair_loss` takes
+    no `global_count` is computed on the whole global batch by every replica
+    instead (see `splits_pair_loss`). `docs/distributed.md` has the details.
 
     Data: `fit` takes elements `(images, labels)` or
     `(images, {"labels": labels, "sample_ids": sample_ids})`, with integer
@@ -154,12 +176,9 @@ class XBMModel(keras.Model):
             self.memory.build(output_shape)
         if self.momentum_encoder is not None:
             self.momentum_encoder.build(input_shape)
-        self.train_steps = self.add_weight(
-            shape=(), initializer="zeros", dtype="int32", trainable=False, name="train_steps"
-        )
-        self.next_generated_id = self.add_weight(
-            shape=(), initializer="zeros", dtype="int32", trainable=False, name="next_generated_id"
-        )
+        # Every replica advances its own copies by the same amounts.
+        add_replica_local_weight(self, "train_steps", (), "int32")
+        add_replica_local_weight(self, "next_generated_id", (), "int32")
         self.built = True
 
     def call(self, inputs, training=False):
@@ -181,6 +200,31 @@ class XBMModel(keras.Model):
         self.compile(**config)
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
+        # Checked here because Keras' own input handling fails first, with an
+        # unrelated shape error, on a batch that does not split evenly.
+        check_global_batch(static_batch_size(x, batch_size), self.distribute_strategy.num_replicas_in_sync)
+        return super().fit(x, y, batch_size, *args, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # NOTE: Keras 3.15 reduces the first distributed batch with
+        # `strategy.reduce`, which raises under MultiWorkerMirroredStrategy
+        # (with TensorFlow 2.20) for any model. The build needs shapes only, and
+        # the first local replica's slice has them.
+        strategy = self._distribute_strategy
+        if iterator is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+
+            def first_replica(value):
+                if isinstance(value, tf.distribute.DistributedValues):
+                    return strategy.experimental_local_results(value)[0]
+                return value
+
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(first_replica, next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     @property
     def metrics(self):
@@ -224,6 +268,61 @@ class XBMModel(keras.Model):
         self.next_generated_id.assign((self.next_generated_id + batch_size) % GENERATED_ID_PERIOD)
         return -1 - offsets
 
+    def gather_batch(self, queries, labels, sample_ids, training=True):
+        """Gather the global batch in replica order and return it with this replica's sample ids.
+
+        Returns `(all_queries, all_labels, all_sample_ids, sample_ids)`. On one
+        replica the global batch is the replica's own. Without sample ids each
+        row of the global batch gets a fresh id (from the generated-id counter
+        when training, so that memory rows keep distinct ids), and the replica
+        takes its own rows' ids from those.
+        """
+        all_queries = all_gather(queries)
+        all_labels = all_gather(labels)
+        if sample_ids is not None:
+            return all_queries, all_labels, all_gather(sample_ids), sample_ids
+
+        global_size = tf.shape(all_labels)[0]
+        if training:
+            all_ids = self.generate_sample_ids(global_size)
+        else:
+            all_ids = -1 - tf.range(global_size)
+        local_size = tf.shape(labels)[0]
+        offset = replica_row_offset(local_size)
+        return all_queries, all_labels, all_ids, tf.slice(all_ids, [offset], [local_size])
+
+    def splits_pair_loss(self):
+        """Return whether each replica scores its own queries only (always true on one replica).
+
+        That needs a pair loss whose `pair_loss` takes `global_count` (see
+        `replica_pair_loss`). For any other pair loss every replica scores the
+        whole gathered batch. The result is as exact, but every replica then
+        computes the whole pair loss.
+        """
+        if num_replicas() == 1:
+            return True
+        return "global_count" in inspect.signature(self.pair_loss.pair_loss).parameters
+
+    def anchor_rows(self, local_rows, global_rows):
+        """Return the `(queries, labels, sample_ids)` this replica scores against the references."""
+        return local_rows if self.splits_pair_loss() else global_rows
+
+    def replica_pair_loss(self, similarity, pos_mask, neg_mask):
+        """Return this replica's pair loss: its mean over the replicas is the loss of the global batch.
+
+        On one replica, or when every replica scores the whole global batch,
+        this is `pair_loss`. When each of the R replicas scores its own query
+        rows, the pair loss divides by counts summed over the replicas
+        (`global_count`), so the R shares add up to the loss of the global
+        batch. The method returns R times the share, because Keras' trainer
+        expects a replica's loss at that scale and divides it by R.
+        """
+        replicas = num_replicas()
+        if replicas == 1 or not self.splits_pair_loss():
+            return self.pair_loss.pair_loss(similarity, pos_mask, neg_mask)
+        share = self.pair_loss.pair_loss(similarity, pos_mask, neg_mask, global_count=sum_over_replicas)
+        return replicas * share
+
     def memory_pairs(self, queries, labels, sample_ids):
         """Return `(similarity, pos_mask, neg_mask)` of the queries against the memory."""
         similarity = cosine_similarity(queries, self.memory.embeddings)
@@ -242,7 +341,19 @@ class XBMModel(keras.Model):
         The plain memory and the momentum bank store the detached queries.
         With a momentum encoder, the encoder first moves towards the updated
         network, then embeds `inputs`, and its embeddings are stored instead.
+
+        Under `tf.distribute` every replica calls this with its own rows. A
+        memory must then gather the rows of all replicas in replica order with
+        `keras_xbm.distributed.all_gather` and write them all, so that every
+        replica's copy receives the same rows. `CrossBatchMemory.enqueue`
+        gathers them itself.
         """
+        if self.memory_type != "fifo" and num_replicas() > 1:
+            # NOTE: the momentum forms do not gather rows across replicas yet.
+            raise ValueError(
+                f"memory_type={self.memory_type!r} trains on one replica only, but the strategy has "
+                f"{num_replicas()} replicas: use memory_type='fifo' or a single device."
+            )
         if self.momentum_encoder is not None:
             self.momentum_encoder.update(self.embedding_model)
             queries = self.momentum_encoder(inputs, training=True)
@@ -265,31 +376,43 @@ class XBMModel(keras.Model):
             self.train_function = checked_step_function
         return self.train_function
 
+    def metric_results(self, metrics):
+        """Return `{name: result}` of `metrics`, the logs of a step."""
+        results = {metric.name: metric.result() for metric in metrics}
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # NOTE: Keras 3.15 averages step outputs over workers with
+            # `strategy.reduce("MEAN", value, axis=0)`, which needs rank 1.
+            results = {name: tf.reshape(value, [1]) for name, value in results.items()}
+        return results
+
     def train_step(self, data):
         inputs, labels, sample_ids = self.unpack_targets(data)
 
         with tf.GradientTape() as tape:
             # The first call builds the model, and with it the step counters read below.
             queries = self(inputs, training=True)
-            if sample_ids is None:
-                if getattr(self.memory, "requires_sample_ids", False):
-                    raise ValueError(
-                        f"memory_type={self.memory_type!r} stores one slot per training sample and needs "
-                        "sample ids: pass elements (images, {'labels': ..., 'sample_ids': ...}) with the "
-                        "index of each image in the dataset (keras_xbm.data.pk_dataset yields them)."
-                    )
-                sample_ids = self.generate_sample_ids(tf.shape(labels)[0])
+            if sample_ids is None and getattr(self.memory, "requires_sample_ids", False):
+                raise ValueError(
+                    f"memory_type={self.memory_type!r} stores one slot per training sample and needs "
+                    "sample ids: pass elements (images, {'labels': ..., 'sample_ids': ...}) with the "
+                    "index of each image in the dataset (keras_xbm.data.pk_dataset yields them)."
+                )
+            all_queries, all_labels, all_ids, sample_ids = self.gather_batch(queries, labels, sample_ids)
+            anchors, anchor_labels, anchor_ids = self.anchor_rows(
+                (queries, labels, sample_ids), (all_queries, all_labels, all_ids)
+            )
             memory_on = tf.cast(self.train_steps >= self.warmup_steps, tf.float32)
-            batch_similarity, batch_pos, batch_neg = in_batch_pairs(queries, labels, sample_ids)
-            batch_loss = self.pair_loss.pair_loss(batch_similarity, batch_pos, batch_neg)
+            batch_similarity = cosine_similarity(anchors, all_queries)
+            batch_pos, batch_neg = pair_masks(anchor_labels, all_labels, anchor_ids, all_ids)
+            batch_loss = self.replica_pair_loss(batch_similarity, batch_pos, batch_neg)
             similarities = [batch_similarity]
             negative_masks = [batch_neg]
             positive_masks = [batch_pos]
 
             memory_loss = tf.zeros((), tf.float32)
             if self.memory is not None:
-                memory_similarity, memory_pos, memory_neg = self.memory_pairs(queries, labels, sample_ids)
-                memory_loss = memory_on * self.pair_loss.pair_loss(memory_similarity, memory_pos, memory_neg)
+                memory_similarity, memory_pos, memory_neg = self.memory_pairs(anchors, anchor_labels, anchor_ids)
+                memory_loss = memory_on * self.replica_pair_loss(memory_similarity, memory_pos, memory_neg)
                 similarities.append(memory_similarity)
                 negative_masks.append(memory_neg)
                 positive_masks.append(memory_pos)
@@ -297,7 +420,7 @@ class XBMModel(keras.Model):
             loss = batch_loss + self.memory_weight * memory_loss
             if self.losses:
                 loss = loss + tf.add_n([tf.cast(extra, tf.float32) for extra in self.losses])
-            scaled_loss = self.optimizer.scale_loss(loss)
+            scaled_loss = self.optimizer.scale_loss(scale_loss_for_distribution(loss))
 
         trainable_weights = self.trainable_weights
         gradients = tape.gradient(scaled_loss, trainable_weights + similarities)
@@ -310,7 +433,8 @@ class XBMModel(keras.Model):
                 for mask, grad in zip(negative_masks, gradients[len(trainable_weights) :])
             ]
         )
-        num_queries = tf.cast(tf.shape(queries)[0], tf.float32)
+        # Replicas hold equal slices (see `fit`), so the mean over replicas is the global mean.
+        num_queries = tf.cast(tf.shape(anchors)[0], tf.float32)
 
         if self.memory is not None:
             self.write_memory(inputs, queries, labels, sample_ids)
@@ -320,19 +444,25 @@ class XBMModel(keras.Model):
         self.batch_loss_tracker.update_state(batch_loss)
         self.memory_loss_tracker.update_state(memory_loss)
         self.hard_negatives_tracker.update_state(hard_negatives / num_queries)
-        logs = {metric.name: metric.result() for metric in self.metrics}
+        logs = self.metric_results(self.metrics)
         if self.report_pair_statistics:
-            logs.update(pair_statistics(similarities, positive_masks, negative_masks, gradients[len(trainable_weights) :]))
+            statistics = pair_statistics(similarities, positive_masks, negative_masks, gradients[len(trainable_weights) :])
+            logs.update({name: tf.reshape(value, tf.shape(logs["loss"])) for name, value in statistics.items()})
         return logs
 
     def test_step(self, data):
         inputs, labels, sample_ids = self.unpack_targets(data)
         queries = self(inputs, training=False)
-        similarity, pos_mask, neg_mask = in_batch_pairs(queries, labels, sample_ids)
-        batch_loss = self.pair_loss.pair_loss(similarity, pos_mask, neg_mask)
+        all_queries, all_labels, all_ids, sample_ids = self.gather_batch(queries, labels, sample_ids, training=False)
+        anchors, anchor_labels, anchor_ids = self.anchor_rows(
+            (queries, labels, sample_ids), (all_queries, all_labels, all_ids)
+        )
+        similarity = cosine_similarity(anchors, all_queries)
+        pos_mask, neg_mask = pair_masks(anchor_labels, all_labels, anchor_ids, all_ids)
+        batch_loss = self.replica_pair_loss(similarity, pos_mask, neg_mask)
         self.loss_tracker.update_state(batch_loss)
         self.batch_loss_tracker.update_state(batch_loss)
-        return {"loss": self.loss_tracker.result(), "batch_loss": self.batch_loss_tracker.result()}
+        return self.metric_results([self.loss_tracker, self.batch_loss_tracker])
 
     def get_config(self):
         config = super().get_config()
