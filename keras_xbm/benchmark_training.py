@@ -152,7 +152,9 @@ def run_benchmark_training(config, strategy=None):
     strategy = strategy or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync > 1:
         dataset = shard_by_data(dataset)
-    model = build_distributed_model(config, (config.image_size, config.image_size, 3), strategy)
+    model = build_distributed_model(
+        config, (config.image_size, config.image_size, 3), strategy, num_train_samples=len(train)
+    )
     every = min(config.validation_every, config.steps)
     callbacks = build_callbacks(config, validation, ks)
 

@@ -49,6 +49,20 @@ def add_train_parser(subparsers):
     parser.add_argument("--samples-per-class", type=int, default=defaults.samples_per_class, help="K, images of each class in a batch (default: %(default)s)")
     parser.add_argument("--memory-size", type=int, default=defaults.memory_size, help="memory slots (default: %(default)s)")
     parser.add_argument("--no-memory", action="store_true", help="train on the batch term alone (memory size 0)")
+    parser.add_argument(
+        "--memory",
+        default=defaults.memory,
+        choices=["fifo", "momentum-encoder", "momentum-bank"],
+        help="what the memory stores: the batch's queries (fifo), the batch embedded by a moving-average copy "
+        "of the network (momentum-encoder), or one momentum-averaged slot per training image (momentum-bank, "
+        "sized to the training set; --memory-size is then unused) (default: %(default)s; see docs/momentum_memory.md)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=defaults.momentum,
+        help="momentum m in [0, 1) of the momentum forms (default: 0.99 for momentum-encoder, 0.5 for momentum-bank)",
+    )
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="steps before the memory term switches on (default: %(default)s)")
     parser.add_argument("--memory-weight", type=float, default=defaults.memory_weight, help="weight of the memory term (default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam learning rate (default: %(default)s)")
@@ -230,6 +244,8 @@ def run_train(args):
     results = run_training(config)
 
     memory = f"memory {config.memory_size}" if config.memory_size else "no memory"
+    if config.memory_size and config.memory != "fifo" and "memory_slots" in results:
+        memory = f"{config.memory} memory of {results['memory_slots']} slots, momentum {results['momentum']}"
     if "evaluation" in results:
         evaluation = results["evaluation"]
     else:

@@ -6,6 +6,7 @@ import logging
 import keras
 import tensorflow as tf
 
+from keras_xbm.diagnostics import pair_statistics
 from keras_xbm.distributed import (
     add_replica_local_weight,
     all_gather,
@@ -18,6 +19,7 @@ from keras_xbm.distributed import (
 )
 from keras_xbm.losses import ContrastiveLoss, PairLoss
 from keras_xbm.memory import CrossBatchMemory, as_int32_vector
+from keras_xbm.momentum import MomentumBank, MomentumEncoder, resolve_momentum
 from keras_xbm.pairs import cosine_similarity, pair_masks
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,17 @@ class XBMModel(keras.Model):
         warmup_steps: steps trained on the batch term alone before the memory
             term switches on. Defaults to 0.
         memory_weight: weight of the memory term. Defaults to 1.0.
+        memory_type: what the memory stores (see `keras_xbm.momentum`).
+            `"fifo"` (the default) enqueues the detached queries in a ring
+            buffer. `"momentum-encoder"` enqueues the batch as embedded by an
+            exponential moving average copy of the network, updated after each
+            optimizer step. `"momentum-bank"` keeps one slot per training
+            sample, blended by momentum each time the sample comes again; then
+            `memory_size` is the number of training samples, and the data must
+            give sample ids in `[0, memory_size)`.
+        momentum: the momentum `m` in [0, 1) of the momentum forms. Defaults to
+            `None`: 0.99 for the encoder, 0.5 for the bank. Rejected for
+            `"fifo"`.
 
     Metrics reported by `fit`: `loss`, `batch_loss`, `memory_loss` (0 during
     warm-up) and `hard_negatives`, the mean number of negative pairs per query
@@ -98,6 +111,8 @@ class XBMModel(keras.Model):
         loss=None,
         warmup_steps=0,
         memory_weight=1.0,
+        memory_type="fifo",
+        momentum=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -109,6 +124,9 @@ class XBMModel(keras.Model):
             raise ValueError(f"Invalid warmup_steps={warmup_steps!r}: expected a non-negative integer.")
         if float(memory_weight) < 0:
             raise ValueError(f"Invalid memory_weight={memory_weight!r}: expected a non-negative number.")
+        momentum = resolve_momentum(memory_type, momentum)
+        if memory_type != "fifo" and memory_size == 0:
+            raise ValueError(f"memory_type={memory_type!r} needs a memory: expected memory_size > 0, received 0.")
         loss = ContrastiveLoss() if loss is None else loss
         if not isinstance(loss, PairLoss):
             raise ValueError(
@@ -121,7 +139,18 @@ class XBMModel(keras.Model):
         self.pair_loss = loss
         self.warmup_steps = warmup_steps
         self.memory_weight = float(memory_weight)
-        self.memory = CrossBatchMemory(memory_size, name="memory") if memory_size > 0 else None
+        self.memory_type = memory_type
+        self.momentum = momentum
+        if memory_type == "momentum-bank":
+            self.memory = MomentumBank(memory_size, momentum=momentum, name="memory")
+        else:
+            self.memory = CrossBatchMemory(memory_size, name="memory") if memory_size > 0 else None
+        if memory_type == "momentum-encoder":
+            self.momentum_encoder = MomentumEncoder(embedding_model, momentum=momentum, name="momentum_encoder")
+        else:
+            self.momentum_encoder = None
+        # Set by `keras_xbm.diagnostics.PairStatistics`: adds per-step pair statistics to the logs.
+        self.report_pair_statistics = False
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.batch_loss_tracker = keras.metrics.Mean(name="batch_loss")
@@ -145,6 +174,8 @@ class XBMModel(keras.Model):
             )
         if self.memory is not None:
             self.memory.build(output_shape)
+        if self.momentum_encoder is not None:
+            self.momentum_encoder.build(input_shape)
         # Every replica advances its own copies by the same amounts.
         add_replica_local_weight(self, "train_steps", (), "int32")
         add_replica_local_weight(self, "next_generated_id", (), "int32")
@@ -307,8 +338,9 @@ class XBMModel(keras.Model):
     def write_memory(self, inputs, queries, labels, sample_ids):
         """Store the step's batch in the memory, after the optimizer step.
 
-        The plain memory stores the detached queries. `inputs` is passed so
-        that a memory fed by another encoder can embed the batch itself.
+        The plain memory and the momentum bank store the detached queries.
+        With a momentum encoder, the encoder first moves towards the updated
+        network, then embeds `inputs`, and its embeddings are stored instead.
 
         Under `tf.distribute` every replica calls this with its own rows. A
         memory must then gather the rows of all replicas in replica order with
@@ -316,8 +348,33 @@ class XBMModel(keras.Model):
         replica's copy receives the same rows. `CrossBatchMemory.enqueue`
         gathers them itself.
         """
-        del inputs
+        if self.memory_type != "fifo" and num_replicas() > 1:
+            # NOTE: the momentum forms do not gather rows across replicas yet.
+            raise ValueError(
+                f"memory_type={self.memory_type!r} trains on one replica only, but the strategy has "
+                f"{num_replicas()} replicas: use memory_type='fifo' or a single device."
+            )
+        if self.momentum_encoder is not None:
+            self.momentum_encoder.update(self.embedding_model)
+            queries = self.momentum_encoder(inputs, training=True)
         self.memory.enqueue(queries, labels, sample_ids)
+
+    def make_train_function(self, force=False):
+        # A compiled step cannot raise on a sample id out of the bank's range
+        # (XLA drops assertions), so the bank records it and the host raises.
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=True)
+        if isinstance(self.memory, MomentumBank):
+            step_function = self.train_function
+
+            def checked_step_function(iterator):
+                logs = step_function(iterator)
+                self.memory.raise_on_invalid_id()
+                return logs
+
+            self.train_function = checked_step_function
+        return self.train_function
 
     def metric_results(self, metrics):
         """Return `{name: result}` of `metrics`, the logs of a step."""
@@ -334,6 +391,12 @@ class XBMModel(keras.Model):
         with tf.GradientTape() as tape:
             # The first call builds the model, and with it the step counters read below.
             queries = self(inputs, training=True)
+            if sample_ids is None and getattr(self.memory, "requires_sample_ids", False):
+                raise ValueError(
+                    f"memory_type={self.memory_type!r} stores one slot per training sample and needs "
+                    "sample ids: pass elements (images, {'labels': ..., 'sample_ids': ...}) with the "
+                    "index of each image in the dataset (keras_xbm.data.pk_dataset yields them)."
+                )
             all_queries, all_labels, all_ids, sample_ids = self.gather_batch(queries, labels, sample_ids)
             anchors, anchor_labels, anchor_ids = self.anchor_rows(
                 (queries, labels, sample_ids), (all_queries, all_labels, all_ids)
@@ -344,6 +407,7 @@ class XBMModel(keras.Model):
             batch_loss = self.replica_pair_loss(batch_similarity, batch_pos, batch_neg)
             similarities = [batch_similarity]
             negative_masks = [batch_neg]
+            positive_masks = [batch_pos]
 
             memory_loss = tf.zeros((), tf.float32)
             if self.memory is not None:
@@ -351,6 +415,7 @@ class XBMModel(keras.Model):
                 memory_loss = memory_on * self.replica_pair_loss(memory_similarity, memory_pos, memory_neg)
                 similarities.append(memory_similarity)
                 negative_masks.append(memory_neg)
+                positive_masks.append(memory_pos)
 
             loss = batch_loss + self.memory_weight * memory_loss
             if self.losses:
@@ -379,7 +444,11 @@ class XBMModel(keras.Model):
         self.batch_loss_tracker.update_state(batch_loss)
         self.memory_loss_tracker.update_state(memory_loss)
         self.hard_negatives_tracker.update_state(hard_negatives / num_queries)
-        return self.metric_results(self.metrics)
+        logs = self.metric_results(self.metrics)
+        if self.report_pair_statistics:
+            statistics = pair_statistics(similarities, positive_masks, negative_masks, gradients[len(trainable_weights) :])
+            logs.update({name: tf.reshape(value, tf.shape(logs["loss"])) for name, value in statistics.items()})
+        return logs
 
     def test_step(self, data):
         inputs, labels, sample_ids = self.unpack_targets(data)
@@ -403,6 +472,8 @@ class XBMModel(keras.Model):
             loss=keras.saving.serialize_keras_object(self.pair_loss),
             warmup_steps=self.warmup_steps,
             memory_weight=self.memory_weight,
+            memory_type=self.memory_type,
+            momentum=self.momentum,
         )
         return config
 

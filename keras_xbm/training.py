@@ -17,6 +17,7 @@ from keras_xbm.distributed import STRATEGIES, check_global_batch, is_chief, make
 from keras_xbm.export import export_saved_model
 from keras_xbm.losses import NORMALIZATIONS, ContrastiveLoss
 from keras_xbm.models import XBMModel
+from keras_xbm.momentum import MEMORY_TYPES, resolve_momentum
 from keras_xbm.retrieval.protocols import SEARCHES, leave_one_out_recall
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class TrainConfig:
     memory_size: int = 2048
     warmup_steps: int = 500
     memory_weight: float = 1.0
+    # "fifo", "momentum-encoder" or "momentum-bank"; momentum None takes the form's default.
+    memory: str = "fifo"
+    momentum: float = None
     learning_rate: float = 3e-4
     negative_threshold: float = 0.5
     normalization: str = "pairs"
@@ -145,6 +149,16 @@ class TrainConfig:
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 0:
             raise ValueError(f"Invalid devices={self.devices!r}: expected a non-negative integer (0 for the default).")
         self.validate_image_settings()
+        self.validate_memory()
+
+    def validate_memory(self):
+        if self.memory not in MEMORY_TYPES:
+            raise ValueError(f"Unknown memory={self.memory!r}: expected one of {', '.join(MEMORY_TYPES)}.")
+        resolve_momentum(self.memory, self.momentum)
+        if self.memory != "fifo" and self.memory_size == 0:
+            raise ValueError(
+                f"memory={self.memory!r} needs a memory, but memory_size is 0 (--no-memory): drop one of the two."
+            )
 
     def validate_image_settings(self):
         """Raise `ValueError` naming the first setting of the backbone, the schedule or the image benchmarks that cannot work."""
@@ -226,12 +240,19 @@ def add_l2_weight_decay(network, weight_decay):
         variable.regularizer = regularizer
 
 
-def build_model(config, input_shape, loss=None):
+def build_model(config, input_shape, loss=None, num_train_samples=None):
     """Build and compile the `XBMModel` of a run.
 
     `loss` is a `keras_xbm.losses.PairLoss`; `None` builds the run's
     `ContrastiveLoss` from `config.negative_threshold` and `config.normalization`.
+    With `config.memory == "momentum-bank"` the bank gets one slot per
+    training sample, `num_train_samples`, and `config.memory_size` is unused.
     """
+    memory_size = config.memory_size
+    if config.memory == "momentum-bank":
+        if num_train_samples is None:
+            raise ValueError("memory='momentum-bank' needs num_train_samples, the size of the training set.")
+        memory_size = int(num_train_samples)
     network = build_network(config, input_shape)
     if config.weight_decay and config.weight_decay_mode == "l2":
         add_l2_weight_decay(network, config.weight_decay)
@@ -239,16 +260,18 @@ def build_model(config, input_shape, loss=None):
         loss = ContrastiveLoss(negative_threshold=config.negative_threshold, normalization=config.normalization)
     model = XBMModel(
         network,
-        memory_size=config.memory_size,
+        memory_size=memory_size,
         loss=loss,
         warmup_steps=config.warmup_steps,
         memory_weight=config.memory_weight,
+        memory_type=config.memory,
+        momentum=config.momentum,
     )
     model.compile(optimizer=build_optimizer(config), jit_compile=config.jit_compile)
     return model
 
 
-def build_distributed_model(config, input_shape, strategy, loss=None):
+def build_distributed_model(config, input_shape, strategy, loss=None, num_train_samples=None):
     """Build the run's model in `strategy.scope()`, with the settings that several replicas need.
 
     With more than one replica, every `BatchNormalization` layer computes its
@@ -261,7 +284,7 @@ def build_distributed_model(config, input_shape, strategy, loss=None):
         logger.warning("Training without XLA: jit_compile is not supported on %d replicas.", replicas)
         config = dataclasses.replace(config, jit_compile=False)
     with strategy.scope():
-        model = build_model(config, input_shape, loss=loss)
+        model = build_model(config, input_shape, loss=loss, num_train_samples=num_train_samples)
         if replicas > 1:
             synchronize_batch_norm(model.embedding_model)
     return model
@@ -283,7 +306,7 @@ def embed(model, images, batch_size=256):
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)
 
 
-def run_training(config, loss=None):
+def run_training(config, loss=None, callbacks=None):
     """Train, evaluate on the test split and export; return the results dictionary.
 
     `loss` replaces the run's `ContrastiveLoss` on Omniglot (see `build_model`).
@@ -292,6 +315,7 @@ def run_training(config, loss=None):
     with the run's settings and timings), `history.json` (the training
     metrics) and `xbm.weights.h5` (network and memory, for `load_weights`).
     The SavedModel goes to the next version folder of `config.export_dir`.
+    `callbacks` (a list of Keras callbacks) are passed to `fit`.
     In a multi-worker run every worker trains and evaluates, and only the
     chief writes these files.
     """
@@ -316,10 +340,10 @@ def run_training(config, loss=None):
     )
     if strategy.num_replicas_in_sync > 1:
         dataset = shard_by_data(dataset)
-    model = build_distributed_model(config, train.images.shape[1:], strategy, loss=loss)
+    model = build_distributed_model(config, train.images.shape[1:], strategy, loss=loss, num_train_samples=len(train))
 
     start = time.perf_counter()
-    history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose)
+    history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.perf_counter() - start
 
     embeddings = embed(model, test.images)
@@ -334,6 +358,8 @@ def run_training(config, loss=None):
         test_classes=test.num_classes,
         config={key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()},
     )
+    # The momentum default and the bank size are resolved in build_model; record what ran.
+    results.update(memory=config.memory, momentum=model.momentum, memory_slots=model.memory_size)
     if not is_chief(strategy):
         # Training and `predict` need every worker; the files are written by the chief alone.
         results["chief"] = False
