@@ -1,7 +1,7 @@
 """Straightforward numpy computations of retrieval results, the oracle for the retrieval tests.
 
 Every query's references are sorted by float64 inner product, highest first,
-with a stable sort so equal scores keep ascending reference index; in
+with a stable sort, so equal scores keep ascending reference index. In
 leave-one-out the query's own index is removed from the sorted list.
 """
 

@@ -93,8 +93,8 @@ def test_absent_class_counts_as_miss():
     queries = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
     gallery = np.array([[1, 0], [0, 1], [0.8, 0.6]], np.float32)
     results = evaluate_retrieval(queries, [0, 1, 2], gallery, [0, 1, 1], ks=(1, 3))
-    # Query 0 finds its one class-0 item first; query 1 ranks its two class-1
-    # items first (scores 1.0 and 0.6); query 2 has no class-2 item.
+    # Query 0 finds its one class-0 item first. Query 1 ranks its two class-1
+    # items first (scores 1.0 and 0.6). Query 2 has no class-2 item.
     assert results == {
         "recall@1": pytest.approx(2 / 3),
         "recall@3": pytest.approx(2 / 3),
@@ -106,8 +106,8 @@ def test_absent_class_counts_as_miss():
 
 
 def test_map_at_r_by_hand():
-    # Query 0 (label 0) sees, best first: 1 (label 0), 2 (label 1), 3 (label 0).
-    # R = 2 and the top 2 hold one relevant item at rank 1: AP@R = (1/1) / 2.
+    # Query 0 (label 0) ranks, best first: 1 (label 0), 2 (label 1), 3 (label 0).
+    # R = 2 and the top 2 contain one relevant item, at rank 1: AP@R = (1/1) / 2.
     embeddings = np.array([[1.0, 0.0], [0.96, 0.28], [0.8, 0.6], [0.6, 0.8]], np.float32)
     labels = np.array([0, 0, 1, 0])
     _, ranks = evaluate_retrieval(embeddings, labels, ks=(1,), return_per_query=True)
@@ -115,7 +115,7 @@ def test_map_at_r_by_hand():
     assert ranks.average_precision_at_r[0] == pytest.approx(0.5)
     assert ranks.r_precision[0] == pytest.approx(0.5)
     assert ranks.first_relevant_rank[0] == 1
-    # Query 3 sees 2 (label 1), 1, 0: R = 2, relevant at ranks 2 and 3, only rank 2 within R.
+    # Query 3 ranks 2 (label 1), 1, 0. R = 2, and of its relevant items at ranks 2 and 3 only rank 2 is within R.
     assert ranks.first_relevant_rank[3] == 2
     assert ranks.average_precision_at_r[3] == pytest.approx((1 / 2) / 2)
 

@@ -21,7 +21,7 @@ import numpy as np
 # 60,502 references under 1 GiB of peak memory (benchmarks/retrieval.py).
 DEFAULT_BLOCK_BYTES = 128 * 2**20
 
-# Fewest columns used to estimate the top-k threshold of a row.
+# Minimum number of columns used to estimate the top-k threshold of a row.
 MIN_THRESHOLD_SAMPLE = 2048
 
 

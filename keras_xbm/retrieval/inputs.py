@@ -132,7 +132,7 @@ def check_ks(ks):
     """Return `ks` as a tuple of positive Python ints, in the order given, without repeats.
 
     Raises:
-        ValueError: when `ks` is empty or holds a value that is not a positive integer.
+        ValueError: when `ks` is empty or contains a value that is not a positive integer.
     """
     ks = tuple(ks)
     if not ks:

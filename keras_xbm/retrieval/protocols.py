@@ -128,9 +128,9 @@ def evaluate_retrieval(query_embeddings, query_labels, gallery_embeddings=None, 
     counts as a miss and is counted under `queries_without_relevant`.
 
     With `index="exact"` the rank of every query's first relevant reference
-    is computed over all references, so every Recall@K is exact, and MAP@R
-    comes from each query's exact top-R list; no `num_queries x
-    num_references` matrix is held (see `ranking.rank_relevant_items`).
+    is computed over all references, so every Recall@K is exact. MAP@R comes
+    from each query's exact top-R list. No `num_queries x num_references`
+    matrix is held (see `ranking.rank_relevant_items`).
     With `index="scann"` the metrics come from ScaNN's top
     `max(max(ks), largest R)` neighbours.
 

@@ -179,8 +179,8 @@ def scann_search(queries, references=None, k=1, **settings):
     """Search like `exact_search`, with a ScaNN index.
 
     For leave-one-out search (`references=None`) the index returns `k + 1`
-    neighbours and the query's own index is removed from them, wherever it
-    ranks; when it is not among them the last one is dropped.
+    neighbours, and the query's own index is removed from them wherever it
+    ranks. When it is not among them, the last one is dropped.
 
     Args:
         queries: float `[num_queries, dim]`.
