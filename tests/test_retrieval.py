@@ -211,7 +211,7 @@ def test_scann_settings_follow_data_size():
     large = scann_settings(60_502, 1001)
     assert large["mode"] == "tree_ah"
     assert large["num_leaves"] == 246
-    assert large["num_leaves_to_search"] == 24
+    assert large["num_leaves_to_search"] == 36
     assert large["reorder_k"] == 1001
     assert large["training_sample_size"] == 10_000
     small_k = scann_settings(60_502, 10)
