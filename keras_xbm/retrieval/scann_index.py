@@ -117,7 +117,7 @@ def build_scann_searcher(references, k, **settings):
 def search_blocks(searcher, queries, references, k, block_size=SEARCH_BLOCK):
     """Yield `(start, stop, indices, scores)` of a searcher, `block_size` queries at a time.
 
-    ScaNN pads the result of a query whose searched leaves hold fewer than
+    ScaNN pads the result of a query whose searched leaves contain fewer than
     `k` references with index 0 and a NaN score. Such queries are searched
     again exactly against `references`, and a warning gives their count.
     """
