@@ -76,7 +76,7 @@ def add_train_parser(subparsers):
     parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim, help="embedding width (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="side of the square input images in pixels (default: 32 for omniglot, 224 otherwise)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
-    parser.add_argument("--recall-k", type=parse_int_list, default=None, help="K values of Recall@K (default: the dataset's usual list; 1,2,4,8 for omniglot)")
+    parser.add_argument("--k", "--recall-k", dest="recall_k", type=parse_int_list, default=None, help="K values of Recall@K; --recall-k is an alias (default: the dataset's usual list; 1,2,4,8 for omniglot)")
     parser.add_argument("--index", default=defaults.index, choices=["exact", "scann"], help="search used for Recall@K (default: %(default)s)")
     parser.add_argument("--no-jit", dest="jit_compile", action="store_false", help="run the train step without XLA")
     parser.add_argument(
@@ -123,19 +123,30 @@ def add_image_benchmark_arguments(parser, defaults):
 def add_evaluate_parser(subparsers):
     parser = subparsers.add_parser(
         "evaluate",
-        help="compute Recall@K of an exported SavedModel on a dataset's test split",
-        description="Embed the test split with a SavedModel and print Recall@K (leave-one-out; In-Shop queries search its gallery).",
+        help="compute Recall@K, MAP@R and R-precision of a SavedModel on a dataset, or of saved embeddings",
+        description="Embed the test split with a SavedModel (--model, --data-dir), or read embeddings from .npz files "
+        "with arrays 'embeddings' and 'labels' (--embeddings, or --queries with --gallery), and print Recall@K, "
+        "MAP@R and R-precision. Datasets are evaluated leave-one-out, except In-Shop, whose queries search its gallery.",
     )
-    parser.add_argument("--model", required=True, help="SavedModel folder, or a folder of numbered versions (the newest is used)")
+    parser.add_argument("--model", help="SavedModel folder, or a folder of numbered versions (the newest is used)")
     parser.add_argument("--dataset", default="omniglot", choices=["omniglot", "sop", "inshop", "vehicleid", "cub", "cars", "folder"], help="dataset (default: %(default)s)")
-    parser.add_argument("--data-dir", required=True, help="directory holding the dataset")
+    parser.add_argument("--data-dir", help="directory holding the dataset, with --model")
     parser.add_argument("--index", default="exact", choices=["exact", "scann"], help="search used for Recall@K (default: %(default)s)")
-    parser.add_argument("--recall-k", type=parse_int_list, default=(1, 2, 4, 8), help="K values of Recall@K (default: 1,2,4,8)")
+    parser.add_argument("--k", "--recall-k", dest="recall_k", type=parse_int_list, default=None, help="K values of Recall@K; --recall-k is an alias (default: the dataset's usual list; 1,2,4,8 for omniglot and for embedding files)")
     parser.add_argument("--output", help="write the results as JSON to this file")
     parser.add_argument("--test-list", type=int, default=800, choices=[800, 1600, 2400], help="VehicleID test set (default: %(default)s)")
     parser.add_argument("--from-tfds", action="store_true", help="read sop, cub or cars through TensorFlow Datasets, converted into --data-dir")
     parser.add_argument("--resize-size", type=int, default=None, help="shorter side before the central crop, in pixels (default: the model's input side x 256/224)")
+    add_embedding_file_arguments(parser)
     parser.set_defaults(handler=run_evaluate)
+
+
+def add_embedding_file_arguments(parser):
+    """Add the `evaluate` flags that read embeddings from .npz files instead of a SavedModel."""
+    parser.add_argument("--embeddings", metavar="FILE", help="evaluate leave-one-out on this .npz file of embeddings and labels")
+    parser.add_argument("--queries", metavar="FILE", help="query embeddings and labels (.npz), searched against --gallery")
+    parser.add_argument("--gallery", metavar="FILE", help="gallery embeddings and labels (.npz), with --queries")
+    parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings first; without it, rows that are not unit length are an error")
 
 
 def parse_seed_list(text):
@@ -204,6 +215,14 @@ def format_recall_table(results, title):
     for key, value in results.items():
         if key.startswith("recall@"):
             lines.append(f"{key.split('@')[1]:>6}  {value:8.4f}")
+    if "map@r" in results:
+        lines.append(f"{'MAP@R':>6}  {results['map@r']:8.4f}")
+        lines.append(f"{'R-prec':>6}  {results['r_precision']:8.4f}")
+    if results.get("queries_without_relevant"):
+        lines.append(
+            f"{results['queries_without_relevant']} of {results['queries']} queries have no relevant reference "
+            "and count as misses."
+        )
     return "\n".join(lines)
 
 
@@ -274,11 +293,38 @@ def run_train(args):
     return 0
 
 
+def run_evaluate_embeddings(args):
+    from keras_xbm.embedding_evaluation import evaluate_embedding_files
+
+    if args.model:
+        raise ValueError("--model is not used with --embeddings or --queries/--gallery: pass one source of embeddings.")
+    results = evaluate_embedding_files(
+        args.embeddings, args.queries, args.gallery, ks=args.recall_k or (1, 2, 4, 8), index=args.index, normalize=args.normalize
+    )
+    if args.embeddings:
+        source = f"{args.embeddings} ({results['queries']} items, leave-one-out"
+    else:
+        source = f"{args.queries} against {args.gallery} ({results['queries']} queries, {results['references']} gallery items"
+    print(format_recall_table(results, f"Retrieval on {source}, {args.index} search)"))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"Results: {args.output}")
+    return 0
+
+
 def run_evaluate(args):
     from keras_xbm.evaluation import evaluate_saved_model, evaluate_saved_model_on_benchmark
 
+    if args.embeddings or args.queries or args.gallery:
+        return run_evaluate_embeddings(args)
+    if not (args.model and args.data_dir):
+        raise ValueError(
+            "evaluate needs --model with --data-dir, --embeddings FILE, or --queries FILE with --gallery FILE."
+        )
+
     if args.dataset == "omniglot":
-        results = evaluate_saved_model(args.model, args.data_dir, ks=args.recall_k, index=args.index)
+        results = evaluate_saved_model(args.model, args.data_dir, ks=args.recall_k or (1, 2, 4, 8), index=args.index)
         evaluation = f"{results['test_classes']} classes, {results['test_images']} images"
     else:
         results = evaluate_saved_model_on_benchmark(

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_xbm.data import load_omniglot
-from keras_xbm.retrieval.protocols import leave_one_out_recall
+from keras_xbm.retrieval.protocols import evaluate_retrieval
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def embed_with_signature(function, images, batch_size=256):
 
 
 def evaluate_saved_model(model_path, data_dir, ks=(1, 2, 4, 8), index="exact"):
-    """Embed the Omniglot test split with a SavedModel and return its Recall@K results."""
+    """Embed the Omniglot test split with a SavedModel and return its Recall@K, MAP@R and R-precision."""
     path = resolve_saved_model(model_path)
     function, input_spec = load_serving_function(path)
     height, width = input_spec.shape[1], input_spec.shape[2]
@@ -62,7 +62,7 @@ def evaluate_saved_model(model_path, data_dir, ks=(1, 2, 4, 8), index="exact"):
     _, test = load_omniglot(data_dir, image_size=int(height))
     embeddings = embed_with_signature(function, test.images)
     results = {"model": path, "index": index, "test_images": len(test), "test_classes": test.num_classes}
-    results.update(leave_one_out_recall(embeddings, test.labels, ks=ks, index=index))
+    results.update(evaluate_retrieval(embeddings, test.labels, ks=ks, index=index))
     return results
 
 

@@ -5,24 +5,19 @@ blocks of `block_size` rows, so the largest matrix held is
 `block_size x num_references`, never `num_queries x num_references`.
 """
 
+import logging
+
 import numpy as np
-import tensorflow as tf
+
+from keras_xbm.retrieval.blocks import check_block_size, score_blocks, top_k_rows
+from keras_xbm.retrieval.inputs import check_embeddings
+
+__all__ = ["check_embeddings", "exact_search"]
+
+logger = logging.getLogger(__name__)
 
 
-def check_embeddings(embeddings, name):
-    """Return `embeddings` as a float32 2-D array, rejecting NaN and Inf rows."""
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    if embeddings.ndim != 2:
-        raise ValueError(f"Expected {name} of shape [count, dim], received shape {embeddings.shape}.")
-    bad_rows = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
-    if bad_rows.size:
-        shown = ", ".join(str(row) for row in bad_rows[:10])
-        more = " ..." if bad_rows.size > 10 else ""
-        raise ValueError(f"{name} has {bad_rows.size} row(s) with NaN or Inf values: rows {shown}{more}.")
-    return embeddings
-
-
-def exact_search(queries, references=None, k=1, block_size=1024):
+def exact_search(queries, references=None, k=1, block_size=None):
     """Find the `k` references with the largest inner product for each query.
 
     Args:
@@ -33,11 +28,16 @@ def exact_search(queries, references=None, k=1, block_size=1024):
             duplicate of the query still counts as a neighbour).
         k: number of neighbours. At most the number of references (minus one
             in leave-one-out search).
-        block_size: number of queries scored at once. Defaults to 1024.
+        block_size: number of queries scored at once. Defaults to `None`,
+            which fits a block of scores in 128 MiB.
 
     Returns:
         `(indices, scores)`: int64 and float32 arrays `[num_queries, k]`, best
         first. Equal scores are ordered by reference index.
+
+    Raises:
+        ValueError: for NaN or Inf rows, widths that differ, an invalid `k`
+            or `block_size`, or a `k` larger than the references available.
     """
     leave_one_out = references is None
     queries = check_embeddings(queries, "queries")
@@ -53,21 +53,14 @@ def exact_search(queries, references=None, k=1, block_size=1024):
         raise ValueError(
             f"k={k} is larger than the {available} references available to each query: expected k <= {available}."
         )
-    if block_size < 1:
-        raise ValueError(f"Invalid block_size={block_size!r}: expected a positive integer.")
+    block_size = check_block_size(block_size, references.shape[0])
 
-    reference_tensor = tf.constant(references)
     all_indices = np.empty((queries.shape[0], k), np.int64)
     all_scores = np.empty((queries.shape[0], k), np.float32)
-    for start in range(0, queries.shape[0], block_size):
-        stop = min(start + block_size, queries.shape[0])
-        scores = tf.matmul(queries[start:stop], reference_tensor, transpose_b=True)
-        if leave_one_out:
-            own = tf.range(start, stop)
-            own_position = tf.stack([tf.range(stop - start), own], axis=1)
-            scores = tf.tensor_scatter_nd_update(scores, own_position, tf.fill([stop - start], -np.inf))
-        # top_k returns the lower index first among equal values.
-        top = tf.math.top_k(scores, k=k, sorted=True)
-        all_indices[start:stop] = top.indices.numpy()
-        all_scores[start:stop] = top.values.numpy()
+    mask = None
+    for start, stop, scores in score_blocks(queries, references, block_size, leave_one_out):
+        if mask is None:
+            mask = np.empty(scores.shape, bool)
+        all_indices[start:stop], all_scores[start:stop] = top_k_rows(scores, k, mask[: stop - start])
+        logger.debug("Exact search: %d of %d queries", stop, queries.shape[0])
     return all_indices, all_scores
