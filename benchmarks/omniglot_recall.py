@@ -89,7 +89,7 @@ def main():
     with open(path, "w") as handle:
         json.dump({"grid": args.grid, "seeds": seeds, "defaults": defaults, "load_average": os.getloadavg(), "rows": rows, "runs": runs}, handle, indent=2, default=list)
 
-    print(f"| setting | R@1 mean ± sd | R@4 mean ± sd | ms/step | runs |")
+    print("| setting | R@1 mean ± sd | R@4 mean ± sd | ms/step | runs |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
         print(

@@ -7,8 +7,6 @@ reader hands over (leave-one-out, or query against gallery for In-Shop) and
 writes the same files as the Omniglot job.
 """
 
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -21,10 +19,8 @@ import tensorflow as tf
 from keras_xbm.callbacks import RetrievalEvaluation
 from keras_xbm.data.benchmarks import load_benchmark
 from keras_xbm.data.images import check_images, eval_dataset, train_dataset
-from keras_xbm.distributed import is_chief
-from keras_xbm.export import export_saved_model
 from keras_xbm.retrieval.protocols import evaluate_retrieval
-from keras_xbm.training import build_distributed_model, shard_by_data
+from keras_xbm.training import build_distributed_model, save_run, shard_by_data
 
 logger = logging.getLogger(__name__)
 
@@ -191,16 +187,5 @@ def run_benchmark_training(config, strategy=None):
         test_images=len(benchmark.evaluation_paths()),
         test_classes=benchmark.query.num_classes,
         replicas=strategy.num_replicas_in_sync,
-        config={key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()},
     )
-    if not is_chief(strategy):
-        results["chief"] = False
-        return results
-    model.save_weights(os.path.join(config.output_dir, "xbm.weights.h5"))
-    with open(os.path.join(config.output_dir, "history.json"), "w") as handle:
-        json.dump({key: [float(v) for v in values] for key, values in history.history.items()}, handle, indent=2)
-    if config.export:
-        results["export_path"] = export_saved_model(model.embedding_model, config.export_dir)
-    with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
-    return results
+    return save_run(model, history, results, config, strategy)

@@ -18,7 +18,7 @@ from keras_xbm.export import export_saved_model
 from keras_xbm.losses import NORMALIZATIONS, ContrastiveLoss
 from keras_xbm.models import XBMModel
 from keras_xbm.momentum import MEMORY_TYPES, resolve_momentum
-from keras_xbm.retrieval.protocols import SEARCHES, leave_one_out_recall
+from keras_xbm.retrieval.protocols import SEARCHES, evaluate_retrieval
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def run_training(config, loss=None, callbacks=None):
     train_seconds = time.perf_counter() - start
 
     embeddings = embed(model, test.images)
-    recalls = leave_one_out_recall(embeddings, test.labels, ks=config.recall_ks, index=config.index)
+    recalls = evaluate_retrieval(embeddings, test.labels, ks=config.recall_ks, index=config.index)
 
     results = dict(recalls)
     results.update(
@@ -356,8 +356,21 @@ def run_training(config, loss=None, callbacks=None):
         replicas=strategy.num_replicas_in_sync,
         test_images=len(test),
         test_classes=test.num_classes,
-        config={key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()},
     )
+    return save_run(model, history, results, config, strategy)
+
+
+def save_run(model, history, results, config, strategy):
+    """Record the run's settings in `results`, write its files on the chief, and return `results`.
+
+    Writes `xbm.weights.h5`, `history.json` and `metrics.json` to
+    `config.output_dir` and, with `config.export`, the SavedModel to the next
+    version folder of `config.export_dir`. In a multi-worker run the other
+    workers write nothing and get `results["chief"] = False`.
+    """
+    results["config"] = {
+        key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()
+    }
     # The momentum default and the bank size are resolved in build_model; record what ran.
     results.update(memory=config.memory, momentum=model.momentum, memory_slots=model.memory_size)
     if not is_chief(strategy):

@@ -1,7 +1,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_xbm import ContrastiveLoss, XBMModel
 from tests.test_losses import contrastive_oracle

@@ -173,6 +173,28 @@ def check_disjoint_classes(train_keys, test_keys, train_source, test_source):
         )
 
 
+def train_test_splits(train_listing, test_listing, layout):
+    """Build the checked train and test splits of a benchmark listed in two files.
+
+    Args:
+        train_listing: `(list_file, paths, class_keys)` of the train split.
+        test_listing: the same for the test split.
+        layout: the expected layout, named in the errors.
+
+    Raises:
+        ValueError: when a class is in both splits or a split is empty.
+        FileNotFoundError: when a listed image file is missing.
+    """
+    (train_file, train_paths, train_keys), (test_file, test_paths, test_keys) = train_listing, test_listing
+    check_disjoint_classes(train_keys, test_keys, train_file, test_file)
+    train = make_split(train_paths, train_keys)
+    test = make_split(test_paths, test_keys)
+    check_not_empty(train, "train", train_file)
+    check_not_empty(test, "test", test_file)
+    check_files_exist(train.paths + test.paths, layout)
+    return train, test
+
+
 def check_files_exist(paths, layout):
     """Raise `FileNotFoundError` naming the first missing image files, with the expected `layout`."""
     missing = [path for path in paths if not os.path.isfile(path)]

@@ -18,15 +18,12 @@ import os
 
 from keras_xbm.data.listing import (
     Benchmark,
-    check_disjoint_classes,
-    check_files_exist,
     check_header,
-    check_not_empty,
-    make_split,
     parse_int,
     read_list_file,
     require_directory,
     require_file,
+    train_test_splits,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,13 +74,7 @@ def load_sop(data_dir):
     test_file = os.path.join(root, "Ebay_test.txt")
     train_paths, train_ids = read_sop_list(train_file, root)
     test_paths, test_ids = read_sop_list(test_file, root)
-    check_disjoint_classes(train_ids, test_ids, train_file, test_file)
-
-    train = make_split(train_paths, train_ids)
-    test = make_split(test_paths, test_ids)
-    check_not_empty(train, "train", train_file)
-    check_not_empty(test, "test", test_file)
-    check_files_exist(train.paths + test.paths, LAYOUT)
+    train, test = train_test_splits((train_file, train_paths, train_ids), (test_file, test_paths, test_ids), LAYOUT)
     logger.info(
         "SOP: %d train images of %d classes, %d test images of %d classes",
         len(train), train.num_classes, len(test), test.num_classes,

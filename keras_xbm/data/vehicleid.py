@@ -23,13 +23,10 @@ import os
 
 from keras_xbm.data.listing import (
     Benchmark,
-    check_disjoint_classes,
-    check_files_exist,
-    check_not_empty,
-    make_split,
     parse_int,
     read_list_file,
     require_directory,
+    train_test_splits,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,13 +76,7 @@ def load_vehicleid(data_dir, test_list=800):
     test_file = os.path.join(split_dir, f"test_list_{test_list}.txt")
     train_paths, train_ids = read_vehicle_list(train_file, image_dir)
     test_paths, test_ids = read_vehicle_list(test_file, image_dir)
-    check_disjoint_classes(train_ids, test_ids, train_file, test_file)
-
-    train = make_split(train_paths, train_ids)
-    test = make_split(test_paths, test_ids)
-    check_not_empty(train, "train", train_file)
-    check_not_empty(test, "test", test_file)
-    check_files_exist(train.paths + test.paths, LAYOUT)
+    train, test = train_test_splits((train_file, train_paths, train_ids), (test_file, test_paths, test_ids), LAYOUT)
     logger.info(
         "VehicleID: %d train images of %d vehicles, test list %d: %d images of %d vehicles",
         len(train), train.num_classes, test_list, len(test), test.num_classes,

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 
 from keras_xbm.retrieval.blocks import check_block_size, score_blocks, top_k_rows
-from keras_xbm.retrieval.inputs import check_embeddings
+from keras_xbm.retrieval.inputs import check_embeddings, check_search_inputs
 
 __all__ = ["check_embeddings", "exact_search"]
 
@@ -40,19 +40,7 @@ def exact_search(queries, references=None, k=1, block_size=None):
             or `block_size`, or a `k` larger than the references available.
     """
     leave_one_out = references is None
-    queries = check_embeddings(queries, "queries")
-    references = queries if leave_one_out else check_embeddings(references, "references")
-    if queries.shape[1] != references.shape[1]:
-        raise ValueError(
-            f"Queries have width {queries.shape[1]} but references have width {references.shape[1]}."
-        )
-    available = references.shape[0] - (1 if leave_one_out else 0)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"Invalid k={k!r}: expected a positive integer.")
-    if k > available:
-        raise ValueError(
-            f"k={k} is larger than the {available} references available to each query: expected k <= {available}."
-        )
+    queries, references, _ = check_search_inputs(queries, references, k)
     block_size = check_block_size(block_size, references.shape[0])
 
     all_indices = np.empty((queries.shape[0], k), np.int64)

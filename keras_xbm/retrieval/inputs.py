@@ -45,6 +45,41 @@ def check_embeddings(embeddings, name):
     return embeddings
 
 
+def check_search_inputs(queries, references, k):
+    """Check the inputs of a k-nearest-neighbour search.
+
+    Args:
+        queries: array-like `[num_queries, dim]`.
+        references: array-like `[num_references, dim]`, or `None` for
+            leave-one-out search within `queries`.
+        k: number of neighbours per query.
+
+    Returns:
+        `(queries, references, available)`: float32 arrays (`references` is
+        `queries` in leave-one-out search) and the number of references each
+        query can be matched with.
+
+    Raises:
+        ValueError: for NaN or Inf rows, widths that differ, a `k` that is not
+            a positive integer, or a `k` larger than the references available.
+    """
+    leave_one_out = references is None
+    queries = check_embeddings(queries, "queries")
+    references = queries if leave_one_out else check_embeddings(references, "references")
+    if queries.shape[1] != references.shape[1]:
+        raise ValueError(
+            f"Queries have width {queries.shape[1]} but references have width {references.shape[1]}."
+        )
+    available = references.shape[0] - (1 if leave_one_out else 0)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"Invalid k={k!r}: expected a positive integer.")
+    if k > available:
+        raise ValueError(
+            f"k={k} is larger than the {available} references available to each query: expected k <= {available}."
+        )
+    return queries, references, available
+
+
 def check_labels(labels, count, name):
     """Return `labels` as a 1-D array of `count` entries.
 

@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from keras_xbm.retrieval.inputs import check_embeddings
+from keras_xbm.retrieval.inputs import check_embeddings, check_search_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -156,19 +156,7 @@ def scann_search_blocks(queries, references=None, k=1, **settings):
     `SEARCH_BLOCK` queries at a time, so only one block of neighbours is held.
     """
     leave_one_out = references is None
-    queries = check_embeddings(queries, "queries")
-    references = queries if leave_one_out else check_embeddings(references, "references")
-    if queries.shape[1] != references.shape[1]:
-        raise ValueError(
-            f"Queries have width {queries.shape[1]} but references have width {references.shape[1]}."
-        )
-    available = references.shape[0] - (1 if leave_one_out else 0)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"Invalid k={k!r}: expected a positive integer.")
-    if k > available:
-        raise ValueError(
-            f"k={k} is larger than the {available} references available to each query: expected k <= {available}."
-        )
+    queries, references, _ = check_search_inputs(queries, references, k)
     search_k = k + 1 if leave_one_out else k
     searcher = build_scann_searcher(references, search_k, **settings)
     for start, stop, indices, scores in search_blocks(searcher, queries, references, search_k):
