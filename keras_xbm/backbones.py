@@ -16,7 +16,7 @@ def small_cnn(input_shape=(32, 32, 1), embedding_dim=128, widths=(32, 64, 128, 1
     """A small convolutional network for grayscale characters, fast enough to train on a CPU.
 
     Each stage is a 3x3 convolution, batch normalisation and ReLU, followed by
-    2x2 max pooling on every stage but the last; global average pooling and the
+    2x2 max pooling on every stage but the last. Global average pooling and the
     embedding head close the network. On 32x32 inputs with the default widths
     it has about 0.3 M parameters.
 

@@ -33,7 +33,7 @@ def load_embedding_file(path):
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise ValueError(f"Could not read {path!r} as an .npz file: {error}") from error
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path!r} holds a single array: expected an .npz file with arrays 'embeddings' and 'labels'.")
+        raise ValueError(f"{path!r} contains a single array: expected an .npz file with arrays 'embeddings' and 'labels'.")
     with archive:
         missing = [name for name in REQUIRED_ARRAYS if name not in archive.files]
         if missing:

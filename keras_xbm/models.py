@@ -39,7 +39,7 @@ class XBMModel(keras.Model):
        itself, each pair of distinct samples counted in both directions
        (`(i, j)` and `(j, i)` are two rows of the similarity matrix);
     3. after `warmup_steps` steps, computes the memory term: the same pair loss
-       of the queries against the valid memory slots. The memory holds earlier
+       of the queries against the valid memory slots. The memory contains earlier
        batches only, because the current batch is written after the loss, so
        each in-batch pair is counted once, in the batch term;
     4. applies the gradient of `batch_loss + memory_weight * memory_loss`

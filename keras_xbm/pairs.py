@@ -85,7 +85,7 @@ def in_batch_pairs(embeddings, labels, sample_ids=None):
 
     With `sample_ids=None` each row is taken as its own sample, so only the
     diagonal is dropped; with ids, every pair of rows sharing an id is dropped
-    (a batch that repeats an image holds no positive pair of it with itself).
+    (a batch that repeats an image has no positive pair of it with itself).
     """
     similarity = cosine_similarity(embeddings, embeddings)
     if sample_ids is None:

@@ -31,7 +31,10 @@ def plot_retrieval_gallery(query_images, neighbor_images, neighbor_hits, path, m
             axis.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray_r", vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])
-            color = "black" if hit is None else ("tab:green" if hit else "tab:red")
+            if hit is None:
+                color = "black"
+            else:
+                color = "tab:green" if hit else "tab:red"
             for spine in axis.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3 if hit is not None else 1)

@@ -146,7 +146,7 @@ def test_sampler_is_deterministic_by_seed():
 
 def test_sampler_pads_small_class_only_when_allowed():
     labels = np.array([0, 0, 0, 0, 1, 1])
-    with pytest.raises(ValueError, match="samples_per_class=4 is larger than class 1, which holds 2 images"):
+    with pytest.raises(ValueError, match="samples_per_class=4 is larger than class 1, which has 2 images"):
         PKSampler(labels, 2, 4)
     sampler = PKSampler(labels, 2, 4, seed=0, allow_repeats=True)
     batch = sampler.sample_batch()

@@ -62,7 +62,7 @@ def test_wraparound_non_divisible_exact_slots():
     for start in (0, 3, 6):
         memory.enqueue(*make_batch(3, 1, start))
 
-    # Ids 0..8 written into 5 slots: slot s holds the last id written there.
+    # Ids 0..8 written into 5 slots: slot s contains the last id written there.
     np.testing.assert_array_equal(memory.sample_ids.numpy(), [5, 6, 7, 8, 4])
     np.testing.assert_array_equal(memory.embeddings.numpy()[:, 0], [5, 6, 7, 8, 4])
     np.testing.assert_array_equal(memory.labels.numpy(), np.array([5, 6, 7, 8, 4]) % 7)

@@ -21,7 +21,7 @@ def test_masks_by_label_id_and_validity():
 
 
 def test_stale_copy_masked_by_id_not_similarity():
-    # The memory holds an old copy of query id 5 whose embedding has drifted,
+    # The memory contains an old copy of query id 5 whose embedding has drifted,
     # and a different image that is exactly identical to the query.
     queries = np.array([[1.0, 0.0]], np.float32)
     references = np.array([[0.6, 0.8], [1.0, 0.0]], np.float32)

@@ -175,7 +175,7 @@ def load_omniglot(data_dir, image_size=32):
     for name, entries in (("train", train_entries), ("test", test_entries)):
         if not entries:
             raise ValueError(
-                f"The Omniglot {name} split in {data_dir!r} holds no images: expected PNG files at "
+                f"The Omniglot {name} split in {data_dir!r} is empty: expected PNG files at "
                 "<archive>/<alphabet>/characterNN/<drawing>.png."
             )
     logger.info("Decoding %d train and %d test Omniglot images", len(train_entries), len(test_entries))
@@ -216,7 +216,7 @@ def load_omniglot_tfds(image_size=32, data_dir=None, builder=None):
     for name, entries in (("train", train_entries), ("test", test_entries)):
         if not entries:
             raise ValueError(
-                f"The Omniglot {name} split read from TFDS holds no images "
+                f"The Omniglot {name} split read from TFDS is empty "
                 f"(alphabets found: {sorted(set(alphabet_names))[:5]} ...)."
             )
     return tfds_split(train_entries, image_size), tfds_split(test_entries, image_size)

@@ -11,7 +11,7 @@ class PKSampler:
 
     Every batch picks P distinct classes uniformly at random, then K distinct
     images of each class. Batches come in class-contiguous order
-    (`[c0, c0, .., c1, c1, ..]`), always of size `P * K`, so the train step sees
+    (`[c0, c0, .., c1, c1, ..]`), always of size `P * K`, so the train step gets
     a fixed shape.
 
     Args:
@@ -53,7 +53,7 @@ class PKSampler:
         if samples_per_class > smallest and not allow_repeats:
             small_label = sorted(members)[int(np.argmin([len(m) for m in self.class_members]))]
             raise ValueError(
-                f"samples_per_class={samples_per_class} is larger than class {small_label}, which holds "
+                f"samples_per_class={samples_per_class} is larger than class {small_label}, which has "
                 f"{smallest} images: expected samples_per_class <= {smallest}, or allow_repeats=True."
             )
 
