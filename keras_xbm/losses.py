@@ -10,7 +10,8 @@ Normalisation
 -------------
 A pair loss sums per-pair terms; how that sum is divided decides how the loss
 scales with the number of references, which is what changes when the memory
-switches on (a batch of 16 sees 15 references, a memory thousands). The
+switches on (a query of a batch of 16 has 15 references, and a memory adds
+thousands). The
 `normalization` argument takes:
 
 - `"sum"`: no division. `dL/dS` of each pair is exactly its pair weight, which
@@ -18,7 +19,8 @@ switches on (a batch of 16 sees 15 references, a memory thousands). The
   number of pairs.
 - `"batch"`: the sum divided by the number of queries, as the official XBM code
   does. With a memory, the loss and its gradient grow with the number of hard
-  negatives found, by orders of magnitude over the batch-only loss.
+  negatives found: on Omniglot with a memory of 2,048 the memory term was 26
+  times the batch term over a run.
 - `"pairs"`: the mean of the positive terms plus the mean of the active negative
   terms (a pair is active when its weight is non-zero). The gradient mass stays
   the same whatever the number of references, so the memory term and the batch
