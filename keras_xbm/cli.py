@@ -66,6 +66,13 @@ def add_train_parser(subparsers):
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="steps before the memory term switches on (default: %(default)s)")
     parser.add_argument("--memory-weight", type=float, default=defaults.memory_weight, help="weight of the memory term (default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--loss",
+        default=defaults.loss,
+        help="pair loss: contrastive, multi_similarity, binomial_deviance, lifted_structure, circle, "
+        "triplet_batch_hard, triplet_semi_hard, or POSITIVE/NEGATIVE weight curves such as "
+        "'constant/step(threshold=0.5)' (default: %(default)s; see docs/weighting_study.md)",
+    )
     parser.add_argument("--negative-threshold", type=float, default=defaults.negative_threshold, help="cosine similarity above which a negative counts (default: %(default)s)")
     parser.add_argument(
         "--normalization",
@@ -265,6 +272,7 @@ def run_train(args):
     memory = f"memory {config.memory_size}" if config.memory_size else "no memory"
     if config.memory_size and config.memory != "fifo" and "memory_slots" in results:
         memory = f"{config.memory} memory of {results['memory_slots']} slots, momentum {results['momentum']}"
+    loss = "" if config.loss == "contrastive" else f"; loss {config.loss}"
     if "evaluation" in results:
         evaluation = results["evaluation"]
     else:
@@ -273,7 +281,7 @@ def run_train(args):
     print(
         format_recall_table(
             results,
-            f"Recall@K on the {config.dataset} test split ({evaluation}, {config.index} search; {memory})",
+            f"Recall@K on the {config.dataset} test split ({evaluation}, {config.index} search; {memory}{loss})",
         )
     )
     if results.get("dropped_ks"):

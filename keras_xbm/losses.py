@@ -731,3 +731,49 @@ class TripletLoss(PairLoss):
 
     def get_config(self):
         return {"name": self.name, "margin": self.margin, "mining": self.mining}
+
+
+# Each pair loss at its defaults. The losses made of per-pair terms take the
+# normalization; the contrastive loss also takes the negative threshold.
+NAMED_LOSSES = {
+    "contrastive": lambda threshold, normalization: ContrastiveLoss(threshold, normalization),
+    "multi_similarity": lambda threshold, normalization: MultiSimilarityLoss(),
+    "binomial_deviance": lambda threshold, normalization: BinomialDevianceLoss(normalization=normalization),
+    "lifted_structure": lambda threshold, normalization: LiftedStructureLoss(),
+    "circle": lambda threshold, normalization: CircleLoss(),
+    "triplet_batch_hard": lambda threshold, normalization: TripletLoss(mining="batch_hard"),
+    "triplet_semi_hard": lambda threshold, normalization: TripletLoss(mining="semi_hard"),
+}
+
+
+def build_loss(spec, negative_threshold=0.5, normalization="pairs"):
+    """Build a pair loss from its name or from a pair of weight curves.
+
+    Args:
+        spec: a name of `NAMED_LOSSES` such as `"multi_similarity"`, or
+            `"POSITIVE/NEGATIVE"` weight curves in the syntax of
+            `keras_xbm.weighting.parse_curve`, such as
+            `"constant/step(threshold=0.5)"`, which builds a `DirectWeightLoss`.
+        negative_threshold: threshold of the contrastive loss. Defaults to 0.5.
+        normalization: normalisation of the losses made of per-pair terms
+            (contrastive, binomial deviance, direct weights). Defaults to `"pairs"`.
+
+    Returns:
+        A `PairLoss`.
+
+    Raises:
+        ValueError: for an unknown loss or curve name, or a curve that does
+            not parse.
+    """
+    text = str(spec).strip()
+    if "/" in text:
+        positive_text, negative_text = text.split("/", 1)
+        return DirectWeightLoss(
+            weighting.parse_curve(positive_text), weighting.parse_curve(negative_text), normalization=normalization
+        )
+    if text not in NAMED_LOSSES:
+        raise ValueError(
+            f"Unknown loss {spec!r}: expected one of {', '.join(NAMED_LOSSES)}, "
+            "or POSITIVE_CURVE/NEGATIVE_CURVE such as 'constant/step(threshold=0.5)'."
+        )
+    return NAMED_LOSSES[text](negative_threshold, normalization)

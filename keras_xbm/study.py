@@ -42,16 +42,7 @@ logger = logging.getLogger(__name__)
 
 MEMORY_SUFFIX = "@no-memory"
 
-# Each pair loss at its defaults; the ones made of per-pair terms take the run's normalization.
-LOSSES = {
-    "contrastive": lambda config: losses.ContrastiveLoss(config.negative_threshold, config.normalization),
-    "multi_similarity": lambda config: losses.MultiSimilarityLoss(),
-    "binomial_deviance": lambda config: losses.BinomialDevianceLoss(normalization=config.normalization),
-    "lifted_structure": lambda config: losses.LiftedStructureLoss(),
-    "circle": lambda config: losses.CircleLoss(),
-    "triplet_batch_hard": lambda config: losses.TripletLoss(mining="batch_hard"),
-    "triplet_semi_hard": lambda config: losses.TripletLoss(mining="semi_hard"),
-}
+LOSSES = tuple(losses.NAMED_LOSSES)
 
 NEGATIVE_CURVES = (
     "step(threshold=0.3)",
@@ -102,11 +93,15 @@ class StudyEntry:
         """A folder name for the entry's runs."""
         return re.sub(r"[^A-Za-z0-9.=-]+", "_", self.text).strip("_")
 
+    @property
+    def loss_spec(self):
+        """The entry without `@no-memory`: the `TrainConfig.loss` of its runs."""
+        text = self.text
+        return text[: -len(MEMORY_SUFFIX)].strip() if text.endswith(MEMORY_SUFFIX) else text
+
     def build_loss(self, config):
         """Return the entry's `PairLoss` for a run with `config`."""
-        if self.loss_name is not None:
-            return LOSSES[self.loss_name](config)
-        return losses.DirectWeightLoss(self.positive_curve, self.negative_curve, normalization=config.normalization)
+        return losses.build_loss(self.loss_spec, config.negative_threshold, config.normalization)
 
 
 def parse_entry(text):
@@ -383,6 +378,7 @@ def run_study(data_dir, entries, seeds=(0, 1, 2), output_dir="runs/study", steps
                 base_config,
                 seed=seed,
                 memory_size=base_config.memory_size if entry.memory else 0,
+                loss=entry.loss_spec,
                 output_dir=os.path.join(output_dir, "runs", entry.slug, f"seed{seed}"),
             )
             logger.info("Run %d/%d: %s, seed %d", len(rows) + 1, total, entry.text, seed)

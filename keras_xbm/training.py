@@ -15,7 +15,7 @@ from keras_xbm.data import load_omniglot, pk_dataset
 from keras_xbm.data.images import default_resize_size
 from keras_xbm.distributed import STRATEGIES, check_global_batch, is_chief, make_strategy, synchronize_batch_norm
 from keras_xbm.export import export_saved_model
-from keras_xbm.losses import NORMALIZATIONS, ContrastiveLoss
+from keras_xbm.losses import NORMALIZATIONS, build_loss
 from keras_xbm.models import XBMModel
 from keras_xbm.momentum import MEMORY_TYPES, resolve_momentum
 from keras_xbm.retrieval.protocols import SEARCHES, evaluate_retrieval
@@ -64,6 +64,8 @@ class TrainConfig:
     memory: str = "fifo"
     momentum: float = None
     learning_rate: float = 3e-4
+    # A name of keras_xbm.losses.NAMED_LOSSES or "POSITIVE/NEGATIVE" weight curves.
+    loss: str = "contrastive"
     negative_threshold: float = 0.5
     normalization: str = "pairs"
     embedding_dim: int = 128
@@ -142,6 +144,8 @@ class TrainConfig:
             raise ValueError(
                 f"Unknown normalization={self.normalization!r}: expected one of {', '.join(NORMALIZATIONS)}."
             )
+        # Building the loss checks its name, curves and parameters before any training.
+        build_loss(self.loss, self.negative_threshold, self.normalization)
         if self.index not in SEARCHES:
             raise ValueError(f"Unknown index={self.index!r}: expected one of {', '.join(SEARCHES)}.")
         if self.strategy not in STRATEGIES:
@@ -243,8 +247,8 @@ def add_l2_weight_decay(network, weight_decay):
 def build_model(config, input_shape, loss=None, num_train_samples=None):
     """Build and compile the `XBMModel` of a run.
 
-    `loss` is a `keras_xbm.losses.PairLoss`; `None` builds the run's
-    `ContrastiveLoss` from `config.negative_threshold` and `config.normalization`.
+    `loss` is a `keras_xbm.losses.PairLoss`; `None` builds `config.loss`
+    with `config.negative_threshold` and `config.normalization`.
     With `config.memory == "momentum-bank"` the bank gets one slot per
     training sample, `num_train_samples`, and `config.memory_size` is unused.
     """
@@ -257,7 +261,7 @@ def build_model(config, input_shape, loss=None, num_train_samples=None):
     if config.weight_decay and config.weight_decay_mode == "l2":
         add_l2_weight_decay(network, config.weight_decay)
     if loss is None:
-        loss = ContrastiveLoss(negative_threshold=config.negative_threshold, normalization=config.normalization)
+        loss = build_loss(config.loss, config.negative_threshold, config.normalization)
     model = XBMModel(
         network,
         memory_size=memory_size,
@@ -309,7 +313,7 @@ def embed(model, images, batch_size=256):
 def run_training(config, loss=None, callbacks=None):
     """Train, evaluate on the test split and export; return the results dictionary.
 
-    `loss` replaces the run's `ContrastiveLoss` on Omniglot (see `build_model`).
+    `loss`, a `PairLoss`, replaces `config.loss` on Omniglot (see `build_model`).
 
     Writes to `config.output_dir`: `metrics.json` (recall@K on the test split,
     with the run's settings and timings), `history.json` (the training

@@ -86,3 +86,13 @@ def test_weight_decay_modes_build_the_expected_optimizer():
     config = TrainConfig(dataset="cub", data_dir="d", backbone="small_cnn", image_size=16, weight_decay=5e-4)
     model = build_model(config, (16, 16, 3))
     assert len(model.losses) == len(model.trainable_weights)
+
+
+def test_build_model_uses_configured_loss():
+    config = TrainConfig(data_dir="d", loss="multi_similarity", image_size=16, memory_size=64)
+    assert type(build_model(config, (16, 16, 1)).pair_loss).__name__ == "MultiSimilarityLoss"
+    config = TrainConfig(data_dir="d", negative_threshold=0.3, normalization="anchor", image_size=16, memory_size=64)
+    contrastive = build_model(config, (16, 16, 1)).pair_loss
+    assert type(contrastive).__name__ == "ContrastiveLoss"
+    assert contrastive.negative_threshold == 0.3
+    assert contrastive.normalization == "anchor"

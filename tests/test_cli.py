@@ -72,6 +72,8 @@ def test_evaluate_export_reproduces_training_recall(trained_run, omniglot_dir, i
         (["--batch-size", "16", "--memory-size", "8"], "memory_size=8 is smaller than batch_size=16"),
         (["--batch-size", "10", "--samples-per-class", "4"], "batch_size=10 is not a multiple of samples_per_class=4"),
         (["--steps", "0"], "Invalid steps=0"),
+        (["--loss", "arcface"], "Unknown loss 'arcface'"),
+        (["--loss", "constant/step(threshold=1.5)"], "threshold=1.5"),
     ],
 )
 def test_train_rejects_bad_settings(omniglot_dir, tmp_path, capsys, extra, message):

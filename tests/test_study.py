@@ -61,11 +61,14 @@ def test_full_grid_covers_the_study():
     assert len({entry.slug for entry in entries}) == len(entries)
 
 
-def test_losses_build_with_defaults():
-    config = TrainConfig()
-    assert isinstance(LOSSES["multi_similarity"](config), MultiSimilarityLoss)
-    assert isinstance(LOSSES["circle"](config), CircleLoss)
-    assert LOSSES["contrastive"](config).negative_threshold == config.negative_threshold
+def test_losses_build_with_run_settings():
+    config = TrainConfig(negative_threshold=0.3, normalization="anchor")
+    assert isinstance(parse_entry("multi_similarity").build_loss(config), MultiSimilarityLoss)
+    assert isinstance(parse_entry("circle@no-memory").build_loss(config), CircleLoss)
+    contrastive = parse_entry("contrastive@no-memory").build_loss(config)
+    assert contrastive.negative_threshold == 0.3
+    assert contrastive.normalization == "anchor"
+    assert parse_entry("constant/linear").build_loss(config).normalization == "anchor"
 
 
 def test_summary_mean_and_sample_std():

@@ -13,6 +13,7 @@ from keras_xbm.losses import (
     DirectWeightLoss,
     LiftedStructureLoss,
     MultiSimilarityLoss,
+    build_loss,
 )
 from keras_xbm.weighting import (
     CURVES,
@@ -313,6 +314,34 @@ def test_direct_weight_constant_step_equals_contrastive(data, shape, threshold, 
     contrastive_value, contrastive_gradient = value_and_gradient(contrastive, similarity, pos, neg)
     assert direct_value == contrastive_value
     np.testing.assert_array_equal(direct_gradient, contrastive_gradient)
+
+
+def test_build_loss_curves_match_contrastive():
+    similarity = np.array([[0.9, 0.6, 0.2, -0.3], [0.55, 0.1, 0.8, 0.45]], np.float32)
+    pos = np.array([[1, 0, 0, 1], [0, 1, 0, 0]], bool)
+    neg = ~pos
+    built = build_loss(" constant/step(threshold=0.4) ", normalization="anchor")
+    assert isinstance(built, DirectWeightLoss)
+    assert built.negative_curve == Step(0.4)
+    contrastive = build_loss("contrastive", negative_threshold=0.4, normalization="anchor")
+    assert contrastive.negative_threshold == 0.4
+    built_value, built_gradient = value_and_gradient(built, similarity, pos, neg)
+    contrastive_value, contrastive_gradient = value_and_gradient(contrastive, similarity, pos, neg)
+    assert built_value == contrastive_value
+    np.testing.assert_array_equal(built_gradient, contrastive_gradient)
+
+
+def test_build_loss_by_name():
+    assert isinstance(build_loss("multi_similarity"), MultiSimilarityLoss)
+    assert isinstance(build_loss("lifted_structure"), LiftedStructureLoss)
+    assert build_loss("binomial_deviance", normalization="sum").normalization == "sum"
+
+
+def test_build_loss_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"Unknown loss 'arcface'.*multi_similarity"):
+        build_loss("arcface")
+    with pytest.raises(ValueError, match="wobble"):
+        build_loss("constant/wobble")
 
 
 def test_direct_weight_loss_serialization_round_trip():
