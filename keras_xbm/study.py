@@ -285,10 +285,12 @@ def format_summary_table(summary):
     ]
     for item in summary:
         body = item["entry"].text.replace(MEMORY_SUFFIX, "")
+        # One seed has no sample standard deviation.
+        r1_std, r4_std = ("-" if math.isnan(item[key]) else f"{100 * item[key]:.1f}" for key in ("r1_std", "r4_std"))
         lines.append(
             f"| `{body}` | {'yes' if item['entry'].memory else 'no'} "
-            f"| {100 * item['r1_mean']:.1f} | {100 * item['r1_std']:.1f} "
-            f"| {100 * item['r4_mean']:.1f} | {100 * item['r4_std']:.1f} "
+            f"| {100 * item['r1_mean']:.1f} | {r1_std} "
+            f"| {100 * item['r4_mean']:.1f} | {r4_std} "
             f"| {item['hard_negatives']:.1f} | {item['seeds']} |"
         )
     return "\n".join(lines)

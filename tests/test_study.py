@@ -89,7 +89,7 @@ def test_summary_mean_and_sample_std():
     assert math.isnan(summary[1]["r1_std"])
     table = format_summary_table(summary).splitlines()
     assert table[2] == "| `constant/step(threshold=0.5)` | yes | 72.0 | 2.0 | 88.0 | 2.0 | 20.0 | 3 |"
-    assert table[3] == "| `circle` | no | 60.0 | nan | 80.0 | nan | 5.0 | 1 |"
+    assert table[3] == "| `circle` | no | 60.0 | - | 80.0 | - | 5.0 | 1 |"
 
 
 def test_gradient_mass_of_contrastive_curves():
