@@ -7,6 +7,7 @@ one-line error message and exit status 2.
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -213,7 +214,9 @@ def run_study_command(args):
         base_config=TrainConfig(dataset=args.dataset, **overrides),
     )
     print(format_summary_table(summary))
-    print(f"Results: {os.path.join(args.output_dir, 'results.csv')}, {os.path.join(args.output_dir, 'summary.md')}")
+    written = [os.path.join(args.output_dir, name) for name in ("results.csv", "summary.md")]
+    written += sorted(glob.glob(os.path.join(args.output_dir, "*.png")))
+    print(f"Results: {', '.join(written)}")
     return 0
 
 

@@ -28,6 +28,11 @@ def load_embedding_file(path):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No embeddings file at {path!r}: expected an .npz file with arrays 'embeddings' and 'labels'.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path!r} is not an .npz file (a zip archive as numpy.savez writes): "
+            "expected arrays 'embeddings' [count, dim] and 'labels' [count]."
+        )
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
@@ -41,7 +46,12 @@ def load_embedding_file(path):
                 f"{path!r} has no array {', '.join(repr(name) for name in missing)}: found {sorted(archive.files)}, "
                 "expected 'embeddings' [count, dim] and 'labels' [count]."
             )
-        return archive["embeddings"], archive["labels"]
+        embeddings, labels = archive["embeddings"], archive["labels"]
+    if np.ndim(embeddings) >= 1 and np.ndim(labels) == 1 and len(labels) != len(embeddings):
+        raise ValueError(
+            f"{path!r} has {len(embeddings)} rows of 'embeddings' but {len(labels)} 'labels': expected one label per row."
+        )
+    return embeddings, labels
 
 
 def evaluate_embedding_files(embeddings_path=None, queries_path=None, gallery_path=None, ks=(1, 2, 4, 8), index="exact", normalize=False):
@@ -63,7 +73,7 @@ def evaluate_embedding_files(embeddings_path=None, queries_path=None, gallery_pa
 
     if embeddings_path is not None:
         embeddings, labels = load_embedding_file(embeddings_path)
-        logger.info("Evaluating %s: %d embeddings, leave-one-out", embeddings_path, len(labels))
+        logger.info("Evaluating %s: %d embeddings, leave-one-out", embeddings_path, len(embeddings))
         results = {"protocol": "leave_one_out", "index": index, "embeddings": embeddings_path}
         results.update(evaluate_retrieval(embeddings, labels, ks=ks, index=index, normalize=normalize))
         results.update(references=int(len(labels)) - 1, dim=int(np.shape(embeddings)[-1]))

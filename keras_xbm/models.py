@@ -205,6 +205,10 @@ class XBMModel(keras.Model):
         # Checked here because Keras' own input handling fails first, with an
         # unrelated shape error, on a batch that does not split evenly.
         check_global_batch(static_batch_size(x, batch_size), self.distribute_strategy.num_replicas_in_sync)
+        # Keras ignores `shuffle` for a tf.data.Dataset, whose pipeline sets the order, but
+        # warns when it keeps its default of True. `shuffle` is the sixth argument after `batch_size`.
+        if isinstance(x, tf.data.Dataset) and len(args) < 6:
+            kwargs.setdefault("shuffle", False)
         return super().fit(x, y, batch_size, *args, **kwargs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):

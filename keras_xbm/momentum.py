@@ -54,7 +54,8 @@ def resolve_momentum(memory_type, momentum):
         if momentum is not None:
             raise ValueError(
                 f"momentum={momentum!r} was given for the plain FIFO memory, which has no momentum: "
-                "use memory_type='momentum-encoder' or 'momentum-bank', or leave momentum unset."
+                "use memory_type='momentum-encoder' or 'momentum-bank' (--memory on the command line), "
+                "or leave momentum unset."
             )
         return None
     if momentum is None:

@@ -127,7 +127,7 @@ def plot_curves_with_recall(rows, path):
     Args:
         rows: sequence of dicts with keys `label`, `positive_curve` and
             `negative_curve` (curves, or `None` for a loss without curves, whose
-            row then names the loss), `recall_mean` and `recall_std`.
+            row then names the loss), `recall_mean` and `recall_std` (None for a single seed).
         path: the PNG file to write.
 
     Returns:
@@ -155,12 +155,13 @@ def plot_curves_with_recall(rows, path):
         curve_axis.set_xlim(-1.0, 1.0)
         curve_axis.set_yticks([])
         curve_axis.tick_params(labelsize=6)
-        bar_axis.barh([0], [row["recall_mean"]], xerr=[row["recall_std"]], color="tab:blue", height=0.6, capsize=3)
+        std = row.get("recall_std")
+        bar_axis.barh([0], [row["recall_mean"]], xerr=None if std is None else [std], color="tab:blue", height=0.6, capsize=3)
         bar_axis.set_xlim(low, high)
         bar_axis.set_yticks([])
         bar_axis.tick_params(labelsize=6)
         bar_axis.set_title(
-            f"{row['label']}: R@1 {row['recall_mean']:.3f} ± {row['recall_std']:.3f}", fontsize=7, loc="left"
+            f"{row['label']}: R@1 {row['recall_mean']:.3f}" + ("" if std is None else f" ± {std:.3f}"), fontsize=7, loc="left"
         )
     axes[0, 0].set_title("w_pos (green), w_neg (red), peak 1", fontsize=7)
     axes[-1, 0].set_xlabel("similarity S", fontsize=7)

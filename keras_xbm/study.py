@@ -326,7 +326,7 @@ def write_outputs(rows, entries, output_dir, base_config, seeds, masses):
             "positive_curve": item["entry"].positive_curve,
             "negative_curve": item["entry"].negative_curve,
             "recall_mean": item["r1_mean"],
-            "recall_std": 0.0 if math.isnan(item["r1_std"]) else item["r1_std"],
+            "recall_std": None if math.isnan(item["r1_std"]) else item["r1_std"],
         }
         for item in summary
     ]

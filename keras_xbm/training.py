@@ -324,6 +324,12 @@ def run_training(config, loss=None, callbacks=None):
     chief writes these files.
     """
     config.validate()
+    if config.memory_size and config.steps <= config.warmup_steps:
+        logger.warning(
+            "steps=%d is not more than warmup_steps=%d: the memory term never switches on, so this run trains "
+            "on the batch term alone. Pass more steps or fewer warm-up steps to train with the memory.",
+            config.steps, config.warmup_steps,
+        )
     # First: logical CPU devices and the multi-worker runtime must exist before any other TensorFlow call.
     strategy = make_strategy(config.strategy, config.devices)
     check_global_batch(config.batch_size, strategy.num_replicas_in_sync)
@@ -347,7 +353,9 @@ def run_training(config, loss=None, callbacks=None):
     model = build_distributed_model(config, train.images.shape[1:], strategy, loss=loss, num_train_samples=len(train))
 
     start = time.perf_counter()
-    history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose, callbacks=callbacks)
+    history = model.fit(
+        dataset, steps_per_epoch=config.steps, epochs=1, shuffle=False, verbose=config.verbose, callbacks=callbacks
+    )
     train_seconds = time.perf_counter() - start
 
     embeddings = embed(model, test.images)

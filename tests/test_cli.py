@@ -100,3 +100,13 @@ def test_recall_k_flag_parses_list():
     assert args.recall_k == (1, 5, 10)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data-dir", "d", "--recall-k", "one"])
+
+
+def test_train_warns_when_warmup_covers_run(omniglot_dir, tmp_path, caplog):
+    status = main([
+        "train", "--data-dir", omniglot_dir, "--output-dir", str(tmp_path), "--no-export",
+        "--steps", "3", "--memory-size", "64", "--warmup-steps", "3",
+    ])
+    assert status == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("steps=3 is not more than warmup_steps=3" in message for message in warnings), warnings

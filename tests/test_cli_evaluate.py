@@ -88,9 +88,9 @@ def test_evaluate_normalize_flag(tmp_path, capsys):
     [
         (["--embeddings", "{missing}"], "No embeddings file at"),
         (["--embeddings", "{no_labels}"], "has no array 'labels'"),
-        (["--embeddings", "{not_npz}"], "Could not read"),
+        (["--embeddings", "{not_npz}"], "is not an .npz file (a zip archive as numpy.savez writes)"),
         (["--embeddings", "{nan}"], "1 row(s) with NaN or Inf values: rows 7"),
-        (["--embeddings", "{short_labels}"], "labels has 9 entries but the embeddings have 10 rows"),
+        (["--embeddings", "{short_labels}"], "has 10 rows of 'embeddings' but 9 'labels': expected one label per row"),
         (["--embeddings", "{good}", "--k", "1,10"], "K=10 is larger than the 9 references"),
         (["--embeddings", "{good}", "--queries", "{good}"], "not both"),
         (["--queries", "{good}"], "needs both a queries file and a gallery file"),

@@ -1,6 +1,9 @@
+import warnings
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_xbm import ContrastiveLoss, XBMModel
 from tests.test_losses import contrastive_oracle
@@ -197,6 +200,19 @@ def test_fit_without_sample_ids_and_without_memory():
     history = no_memory.fit(x, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
     assert no_memory.memory is None
     assert history.history["memory_loss"] == [0.0]
+
+
+def test_fit_on_dataset_without_shuffle_warning():
+    x = np.random.default_rng(0).normal(size=(32, DIM_IN)).astype(np.float32)
+    labels = np.repeat(np.arange(8), 4)
+    dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(8)
+    model = make_model(memory_size=16, learning_rate=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(dataset, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    messages = [str(warning.message) for warning in caught]
+    assert not [message for message in messages if "shuffle" in message], messages
 
 
 def test_memory_smaller_than_batch_rejected():

@@ -24,14 +24,14 @@ def test_single_item_has_no_reference():
 
 @pytest.mark.parametrize("index", ["exact", "scann"])
 def test_label_count_differs_from_rows(index):
-    with pytest.raises(ValueError, match="query_labels has 9 entries but the embeddings have 10 rows"):
+    with pytest.raises(ValueError, match=r"\blabels has 9 entries but the embeddings have 10 rows"):
         evaluate_retrieval(unit_rows(10, 4, seed=0), np.zeros(9), index=index, ks=(1,))
     with pytest.raises(ValueError, match="gallery_labels has 6 entries but the embeddings have 5 rows"):
         evaluate_retrieval(unit_rows(10, 4, seed=0), np.zeros(10), unit_rows(5, 4, seed=1), np.zeros(6), index=index, ks=(1,))
 
 
 def test_labels_must_be_one_dimensional():
-    with pytest.raises(ValueError, match=r"Expected query_labels of shape \[count\], received shape \(10, 1\)"):
+    with pytest.raises(ValueError, match=r"Expected labels of shape \[count\], received shape \(10, 1\)"):
         evaluate_retrieval(unit_rows(10, 4, seed=0), np.zeros((10, 1)), ks=(1,))
 
 
@@ -39,7 +39,7 @@ def test_nan_and_inf_rows_counted_and_named():
     queries = unit_rows(20, 4, seed=0)
     queries[[3, 11]] = np.nan
     queries[17, 2] = np.inf
-    with pytest.raises(ValueError, match=r"query_embeddings has 3 row\(s\) with NaN or Inf values: rows 3, 11, 17\."):
+    with pytest.raises(ValueError, match=r"\bembeddings has 3 row\(s\) with NaN or Inf values: rows 3, 11, 17\."):
         evaluate_retrieval(queries, np.zeros(20), ks=(1,))
     gallery = unit_rows(30, 4, seed=1)
     gallery[::2] = -np.inf
@@ -107,5 +107,5 @@ def test_invalid_ks(ks, message):
 
 
 def test_three_dimensional_embeddings():
-    with pytest.raises(ValueError, match=r"Expected query_embeddings of shape \[count, dim\], received shape \(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"Expected embeddings of shape \[count, dim\], received shape \(2, 3, 4\)"):
         evaluate_retrieval(np.zeros((2, 3, 4), np.float32), np.zeros(2), ks=(1,))

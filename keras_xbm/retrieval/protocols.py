@@ -68,9 +68,11 @@ def check_retrieval_inputs(query_embeddings, query_labels, gallery_embeddings, g
     if (gallery_embeddings is None) != (gallery_labels is None):
         raise ValueError("Pass gallery_embeddings and gallery_labels together, or neither for leave-one-out.")
     ks = check_ks(ks)
-    queries = check_embeddings(query_embeddings, "query_embeddings")
-    check_not_empty(queries, "query_embeddings")
-    query_labels = check_labels(query_labels, queries.shape[0], "query_labels")
+    # Leave-one-out has no queries apart from the embeddings: name the arguments as the caller knows them.
+    embeddings_name, labels_name = ("embeddings", "labels") if gallery_embeddings is None else ("query_embeddings", "query_labels")
+    queries = check_embeddings(query_embeddings, embeddings_name)
+    check_not_empty(queries, embeddings_name)
+    query_labels = check_labels(query_labels, queries.shape[0], labels_name)
     gallery = None
     if gallery_embeddings is not None:
         gallery = check_embeddings(gallery_embeddings, "gallery_embeddings")
