@@ -226,7 +226,12 @@ def run_report():
 
     if curves:
         os.makedirs(os.path.dirname(FIGURE_PATH), exist_ok=True)
-        plot_memory_drift(curves, FIGURE_PATH, title="Memory drift at step 996 of 1000 (seed 0, re-embedded in training mode)")
+        measured = next(run for run in drift_runs if run["drift"])
+        title = (
+            f"Memory drift at step {measured['drift'][-1]['step']} of {measured['config']['steps']} "
+            f"(seed {measured['seed']}, re-embedded in training mode)"
+        )
+        plot_memory_drift(curves, FIGURE_PATH, title=title)
         print(f"Figure: {os.path.normpath(FIGURE_PATH)}")
     defaults = {key: value for key, value in dataclasses.asdict(TrainConfig()).items() if key != "data_dir"}
     with open(SUMMARY_PATH, "w") as handle:
