@@ -61,7 +61,7 @@ POSITIVE_CURVES = (
 CLASSIC_LOSSES = tuple(name for name in LOSSES if name != "contrastive")
 
 GRIDS = {
-    # 12 runs of 3,000 steps: about 20 minutes at the 107 s per run measured on a shared 2-core machine.
+    # 12 runs of 3,000 steps: about 10 minutes at the 42 s per run measured on 2 CPU cores (docs/weighting_study.md).
     "small": (
         "constant/step(threshold=0.5)",
         "constant/constant",
