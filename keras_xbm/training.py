@@ -353,9 +353,7 @@ def run_training(config, loss=None, callbacks=None):
     model = build_distributed_model(config, train.images.shape[1:], strategy, loss=loss, num_train_samples=len(train))
 
     start = time.perf_counter()
-    history = model.fit(
-        dataset, steps_per_epoch=config.steps, epochs=1, shuffle=False, verbose=config.verbose, callbacks=callbacks
-    )
+    history = model.fit(dataset, steps_per_epoch=config.steps, epochs=1, verbose=config.verbose, callbacks=callbacks)
     train_seconds = time.perf_counter() - start
 
     embeddings = embed(model, test.images)

@@ -10,17 +10,7 @@ from tests.test_retrieval import brute_force_recall
 
 @pytest.mark.filterwarnings("ignore:Learning rate reduction is conditioned:UserWarning")
 def test_callback_logs_recall_for_reduce_lr_on_plateau():
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    inputs = keras.Input((6,))
-    network = keras.Model(inputs, keras.layers.Dense(4)(inputs))
-    model = XBMModel(network, memory_size=16)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3))
-    x = rng.normal(size=(32, 6)).astype(np.float32)
-    labels = np.repeat(np.arange(8), 4)
-    validation = rng.normal(size=(20, 6)).astype(np.float32)
-    validation_labels = np.repeat(np.arange(5), 4)
-
+    model, x, labels, validation, validation_labels = small_model_and_data()
     evaluation = RetrievalEvaluation(validation, validation_labels, ks=(1, 4), every_n_epochs=2)
     # min_delta 1.0 and patience 0: the second reading of val_recall@1 cannot improve by 1.0, so the rate halves.
     plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_recall@1", mode="max", factor=0.5, patience=0, min_delta=1.0)
